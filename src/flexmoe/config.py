@@ -1,0 +1,115 @@
+"""Configuration: dataclasses of options, filled from a TOML/YAML file plus `--set key=value`.
+
+Every command that produces an artefact writes its fully resolved configuration next to it, so a
+run can be reproduced from its directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message says how to fix it."""
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in {".yaml", ".yml"}:
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(
+                f"unknown config format {path.suffix!r} for {path}: use .toml or .yaml"
+            )
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot parse {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a table/mapping of options, not {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, booleans, lists), else keep the string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (dotted keys descend into nested tables) to a copy of `data`."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. --set lr=1e-4)"
+            )
+        *parents, leaf = [k.strip().replace("-", "_") for k in key.split(".")]
+        node = data
+        for parent in parents:
+            node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {parent!r} is a value, not a table")
+        node[leaf] = parse_value(value)
+    return data
+
+
+def build(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
+    """Build dataclass `cls` from `data`, recursing into nested dataclasses; unknown keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        nested = _dataclass_type(cls, name)
+        if nested is not None and isinstance(value, dict):
+            value = build(nested, value, where=f"{where}.{name}")
+        elif (
+            isinstance(value, list) and typing.get_origin(typing.get_type_hints(cls)[name]) is tuple
+        ):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    hint = typing.get_type_hints(cls).get(name)
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def load(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """The one way commands get their options: defaults < config file < `--set` overrides."""
+    data = read_config_file(path) if path else {}
+    return build(cls, apply_overrides(data, overrides or []))
+
+
+def write_resolved(obj: Any, out_dir: str | Path, name: str = "config.resolved.json") -> Path:
+    """Write the fully resolved configuration into an output directory."""
+    out = Path(out_dir) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: generation, ROUGE, and (later) knowledge retention, routing and cost metrics."""

@@ -1,0 +1,1 @@
+"""Federated runtime on Flower: methods, partitions, ClientApp/ServerApp, strategies, accounting."""

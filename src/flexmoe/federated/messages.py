@@ -1,0 +1,28 @@
+"""What travels in a message's config besides arrays: the resolved run configuration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flexmoe import config as config_io
+from flexmoe.federated.config import RunConfig
+
+
+def encode_run_config(cfg: RunConfig) -> str:
+    return cfg.to_json()
+
+
+def decode_run_config(text: str) -> RunConfig:
+    data: dict[str, Any] = json.loads(text)
+    return config_io.build(RunConfig, data, where="run config")
+
+
+def load_run_config(value: str) -> RunConfig:
+    """A RunConfig from inline JSON or from a JSON/TOML/YAML file path (deployment run config)."""
+    if value.lstrip().startswith("{"):
+        return decode_run_config(value)
+    path = Path(value)
+    data = json.loads(path.read_text()) if path.suffix == ".json" else config_io.read_config_file(path)
+    return config_io.build(RunConfig, data, where=value)

@@ -1,0 +1,137 @@
+"""Load any transformers MoE causal LM by hub id or local directory.
+
+One code path for the tiny built-in model and for real checkpoints (Qwen1.5-MoE, OLMoE, Mixtral,
+DeepSeek, Qwen3-MoE): the architecture is checked on the `meta` device first, so an unsupported
+or dense model is refused before any weights are read or downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from flexmoe.moe.adapter import UnsupportedModelError, find_moe_layers
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message says what to pass instead."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase | None
+    source: str
+
+
+def resolve_device(device: str) -> str:
+    """`auto` means the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device {device!r} requested but CUDA is not available: use --device cpu"
+        )
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`auto` is float32 on the CPU (bf16 matmuls are slow there) and bfloat16 on a GPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_config(source: str):
+    """Read a model's config from a local directory or the hub, with errors a user can act on."""
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{source!r} is not a model directory (no config.json there): pass a directory written by "
+            "save_pretrained / `flexmoe pretrain`, or a hub id such as Qwen/Qwen1.5-MoE-A2.7B"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(path) if looks_local else source)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"cannot load the config of {source!r}: {err}\n"
+            "If this machine is offline, pass a local model directory instead of a hub id."
+        ) from None
+
+
+def check_supported(config) -> int:
+    """Build the architecture on the meta device and find its MoE layers; returns their count."""
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise ModelLoadError(
+            f"transformers cannot build a causal LM for model type {config.model_type!r}: {err}"
+        ) from None
+    return len(find_moe_layers(skeleton))
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase | None:
+    """The checkpoint's tokenizer, or None when it has none.
+
+    transformers 5 builds a one-token placeholder tokenizer for a directory without tokenizer
+    files instead of failing; such a tokenizer would silently encode everything as one token.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):
+        return None
+    return tokenizer if len(tokenizer) > 1 else None
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    experts_implementation: str = "grouped_mm",
+    require_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load an MoE causal LM and its tokenizer; refuse dense or unsupported families clearly.
+
+    `experts_implementation` defaults to `grouped_mm`, the fast fused path on CPU and GPU
+    (7-9x faster than `eager` at 60 experts on this CPU).
+    """
+    config = load_config(source)
+    check_supported(config)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    local = Path(source).expanduser()
+    name = str(local) if local.exists() else source
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            dtype=torch_dtype,
+            experts_implementation=experts_implementation,
+            device_map=device if device.startswith("cuda") else None,
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the weights of {source!r}: {err}") from None
+    if not device.startswith("cuda"):
+        model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(name)
+    if tokenizer is None and require_tokenizer:
+        raise ModelLoadError(
+            f"{source!r} has no usable tokenizer; save one next to the model "
+            "(tokenizer.save_pretrained) or point to a checkpoint that includes it"
+        )
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+__all__ = ["LoadedModel", "ModelLoadError", "UnsupportedModelError", "load_model"]

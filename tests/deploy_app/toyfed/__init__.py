@@ -1,0 +1,1 @@
+"""Stand-in Flower App for testing flexmoe's deployment machinery."""
