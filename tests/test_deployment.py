@@ -13,6 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
 
 from flexmoe.federated.deployment import (
     DeploymentError,
@@ -88,14 +95,6 @@ def test_unregistered_supernode_is_refused_and_failed_runs_raise(tmp_path):
 
 
 def test_certificates_and_keys_have_the_formats_flower_reads(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import (
-        load_pem_private_key,
-        load_ssh_private_key,
-        load_ssh_public_key,
-    )
-
     certs = write_tls_certificates(tmp_path, hosts=["127.0.0.1", "superlink.example"])
     ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())

@@ -1,6 +1,8 @@
 """Grafting: the graft really is in the forward, leaves the base model intact (names, weights,
 function when its gate outputs 0), is a clone, and trains only what it should."""
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -213,3 +215,15 @@ def test_grafted_expert_is_a_plain_module_with_copied_weights():
     assert torch.equal(expert.in_proj.bias, weights["up_bias"])
     assert expert.out_proj.weight.is_contiguous()
     assert expert.out_proj.weight.data_ptr() != weights["down"].data_ptr()
+
+
+def test_a_grafted_model_deep_copies_into_an_independent_model():
+    model = build_tiny("gpt_oss", seed=0)
+    graft(model, selected(model), FlexConfig())
+    copy_ = copy.deepcopy(model)
+    assert torch.equal(logits(copy_), logits(model))
+    with torch.no_grad():
+        next(iter(find_grafts(copy_).values())).grafted[0].out_proj.weight.add_(1.0)
+    assert not torch.equal(logits(copy_), logits(model))
+    copy_graft = next(iter(find_grafts(copy_).values())).grafted[0]
+    assert copy_graft._apply_gate.__self__ is find_moe_layers(copy_)[0].experts

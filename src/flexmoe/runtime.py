@@ -14,7 +14,9 @@ import torch
 from rich.console import Console
 
 console = Console(stderr=True)
-"""Progress and logs go to stderr so that `--json` output on stdout stays machine-readable."""
+"""Progress and logs go to stderr (silenced by `--quiet`) ..."""
+output = Console()
+"""... and results to stdout, so they survive `--quiet` and pipe cleanly."""
 
 
 def set_quiet(quiet: bool) -> None:

@@ -154,7 +154,9 @@ def _generate(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], new_tokens: int
 ) -> float:
     """Seconds to greedily generate exactly `new_tokens` tokens for every prompt (one batch)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     rows = [tokenizer.encode(prompt) for prompt in prompts]
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -177,5 +179,7 @@ def _generate(
     seconds = time.perf_counter() - start
     model.train(was_training)
     if output.shape[1] != width + new_tokens:
-        raise CostError(f"generation stopped after {output.shape[1] - width} of {new_tokens} tokens")
+        raise CostError(
+            f"generation stopped after {output.shape[1] - width} of {new_tokens} tokens"
+        )
     return seconds

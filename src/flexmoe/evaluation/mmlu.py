@@ -19,8 +19,10 @@ federated fine-tuning measures that. The prompt is the original one:
 
 The prediction is the letter whose token (" A" .. " D") is most likely as the next token (ties:
 the earlier letter): one forward pass per question, no generation. A prompt longer than
-`max_length` tokens loses its earliest shots first (fewer shots, counted in the result); only a
-question too long even with no shots is cut from the left, keeping its end and "Answer:".
+`max_length` tokens (capped at the model's maximum positions) loses its earliest shots first
+(fewer shots, counted in the result); only a question too long even with no shots is cut from
+the left, keeping its end and "Answer:".
+
 Accuracies are percentages: overall over all items (micro), macro over subjects, and per subject
 and per MMLU category (items pooled within the category).
 """
@@ -98,8 +100,9 @@ def evaluate_mmlu(
     questions its annotators found sound.
     """
     if split == SHOT_SPLIT:
-        raise MMLUError(f"split {SHOT_SPLIT!r} holds the few-shot examples; evaluate 'test' or "
-                        "'redux'")
+        raise MMLUError(
+            f"split {SHOT_SPLIT!r} holds the few-shot examples; evaluate 'test' or 'redux'"
+        )
     items = load_mmlu(split, subjects, redux_clean_only=redux_clean_only)
     if per_subject is not None:
         items = balanced_subset(items, per_subject, seed)
@@ -151,7 +154,10 @@ def score_mmlu(
     split: str = "test",
     progress: bool = True,
 ) -> MMLUResult:
-    """Predict every item's letter with `k_shot` examples of its subject from `shot_items`."""
+    """Predict every item's letter with `k_shot` examples of its subject from `shot_items`.
+
+    `max_length` is capped at the model's `max_position_embeddings` when the config has one.
+    """
     if not items:
         raise MMLUError("no MMLU items to evaluate")
     if k_shot < 0 or batch_size < 1 or max_length < 2:
@@ -159,6 +165,9 @@ def score_mmlu(
             f"need k_shot >= 0, batch_size >= 1 and max_length >= 2; got {k_shot}, "
             f"{batch_size}, {max_length}"
         )
+    trained_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if trained_length:  # longer prompts than the model was built for are not meaningful
+        max_length = min(max_length, trained_length)
     shots_by_subject: dict[str, list[MMLUItem]] = defaultdict(list)
     for shot in shot_items:
         shots_by_subject[shot.subject].append(shot)
@@ -238,9 +247,8 @@ def mmlu_prompt(item: MMLUItem, shots: Sequence[MMLUItem]) -> str:
     """The standard k-shot prompt for `item`, ending in "Answer:" (see the module docstring)."""
     subject = item.subject.replace("_", " ")
     header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    return header + "".join(_example(shot) + f" {LETTERS[shot.answer]}\n\n" for shot in shots) + (
-        _example(item)
-    )
+    solved = "".join(f"{_example(shot)} {LETTERS[shot.answer]}\n\n" for shot in shots)
+    return header + solved + _example(item)
 
 
 def encode_mmlu_prompt(

@@ -44,8 +44,9 @@ def heldout_perplexity(
     of predicted tokens (fewer than `max_tokens` only if the held-out text is shorter).
     """
     if max_tokens < 1 or batch_size < 1:
-        raise PerplexityError(f"max_tokens and batch_size must be >= 1, got {max_tokens}, "
-                              f"{batch_size}")
+        raise PerplexityError(
+            f"max_tokens and batch_size must be >= 1, got {max_tokens}, {batch_size}"
+        )
     length = seq_len or min(getattr(model.config, "max_position_embeddings", 1024), 1024)
     if length < 1:
         raise PerplexityError(f"seq_len must be >= 1, got {seq_len}")

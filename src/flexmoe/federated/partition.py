@@ -128,8 +128,12 @@ def make_partition(
     test_per_client: int = 100,
     seed: int = 0,
     min_partition_size: int = 10,
+    test_eligible: Callable[[InstructionRecord], bool] | None = None,
 ) -> Partition:
     """Partition `records` among clients with `strategy` and hold out each client's test split.
+
+    `test_eligible` restricts which training-split records may become test items (e.g. only
+    records the base model never saw in pretraining); records of a `test` split always may.
 
     `num_clients` is required for `iid` and `dirichlet`; the other strategies derive it (from
     `categories`, the domains, or the FedIT clients) and only check it if given. `categories`
@@ -163,7 +167,7 @@ def make_partition(
                 f"test_per_client={test_per_client} and still train: lower test_per_client"
                 + (" or num_clients, or raise alpha" if strategy == "dirichlet" else "")
             )
-        train, test = _hold_out(share, test_per_client, rng)
+        train, test = _hold_out(share, test_per_client, rng, test_eligible)
         clients.append(ClientData(client_id, name, train, test))
     assigned = sum(len(c.train) + len(c.test) for c in clients)
     return Partition(strategy, seed, clients, unassigned=len(records) - assigned)
@@ -298,7 +302,10 @@ def _group(
 
 
 def _hold_out(
-    share: list[InstructionRecord], num_test: int, rng: np.random.Generator
+    share: list[InstructionRecord],
+    num_test: int,
+    rng: np.random.Generator,
+    eligible: Callable[[InstructionRecord], bool] | None = None,
 ) -> tuple[list[InstructionRecord], list[InstructionRecord]]:
     """Split a client's share into (train, test) with test following the share's category mix."""
     by_category = _group(share, lambda r: r.category)
@@ -312,9 +319,14 @@ def _hold_out(
     for category, quota in zip(names, quotas, strict=True):
         members = by_category[category]
         marked = [r for r in members if r.split == "test"]
-        others = [r for r in members if r.split != "test"]
+        others = [r for r in members if r.split != "test" and (eligible is None or eligible(r))]
         candidates = [marked[i] for i in rng.permutation(len(marked))]
         candidates += [others[i] for i in rng.permutation(len(others))]
+        if len(candidates) < quota:
+            raise DataError(
+                f"category {category!r} has {len(candidates)} records eligible as test items, "
+                f"{quota} needed: lower data.test_per_client"
+            )
         test.extend(candidates[:quota])
     test_ids = {r.id for r in test}
     train = [r for r in share if r.id not in test_ids]

@@ -34,8 +34,11 @@ class FlexConfig:
     calibration_max_length: int = 512
     """Token length calibration examples are truncated to."""
     gate: str = "sigmoid"
+    """How the grafted expert's output is mixed in, see GATES."""
     regime: str = "full"
+    """What of the graft trains, see REGIMES."""
     lora_r: int = 8
+    """LoRA rank on the graft's Linear layers (regime "lora" only), likewise alpha and dropout."""
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     seed: int = 0
@@ -45,14 +48,11 @@ class FlexConfig:
         _require_choice("strategy", self.strategy, STRATEGIES)
         _require_choice("gate", self.gate, GATES)
         _require_choice("regime", self.regime, REGIMES)
-        for name in ("r", "calibration_samples", "calibration_max_length", "lora_r"):
+        positive = ("r", "calibration_samples", "calibration_max_length", "lora_r", "lora_alpha")
+        for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"flex.{name} must be a positive integer, got {value!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float):
-            raise ConfigError(f"flex.lora_alpha must be a number, got {self.lora_alpha!r}")
-        if self.lora_alpha <= 0:
-            raise ConfigError(f"flex.lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, int | float) or not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"flex.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -1,0 +1,40 @@
+"""ROUGE F1 (the paper's metric): hand-computed values, and rouge-score's own numbers."""
+
+import pytest
+from rouge_score import rouge_scorer
+
+from flexmoe.evaluation.rouge import rouge_f1
+
+PAIRS = [
+    ("the cat sat on the mat", "The cat is on the mat."),
+    ("running dogs", "the dog runs"),
+]
+
+
+def test_hand_computed_scores():
+    # Pair 1: unigrams overlap in the x2, cat, on, mat: P = R = 5/6. Bigrams: "the cat", "on the",
+    # "the mat" of 5 each: 3/5. LCS "the cat on the mat": 5/6.
+    # Pair 2 (stemmed: run dog | the dog run): unigrams P = 2/2, R = 2/3 -> F = .8; no shared
+    # bigram; LCS of length 1: P = 1/2, R = 1/3 -> F = .4.
+    scores = rouge_f1([p for p, _ in PAIRS], [r for _, r in PAIRS])
+    assert scores["rouge1"] == pytest.approx(100 * (5 / 6 + 0.8) / 2)
+    assert scores["rouge2"] == pytest.approx(100 * (3 / 5 + 0) / 2)
+    assert scores["rougeL"] == pytest.approx(100 * (5 / 6 + 0.4) / 2)
+
+
+def test_equals_rouge_score_with_stemming():
+    predictions = ["Paris is the capital of France.", "", "It was raining heavily all day"]
+    references = ["The capital of France is Paris.", "nothing here", "it rained all day long"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    expected = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for prediction, reference in zip(predictions, references, strict=True):
+        for name, score in scorer.score(reference, prediction).items():
+            expected[name] += 100 * score.fmeasure / len(predictions)
+    assert rouge_f1(predictions, references) == pytest.approx(expected)
+
+
+def test_mismatched_or_empty_inputs_are_refused():
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        rouge_f1(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="no predictions"):
+        rouge_f1([], [])
