@@ -127,7 +127,7 @@ def _add_graft_term(block: nn.Module, args: tuple, kwargs: dict, output):
     term = block._modules[GRAFT_ATTRIBUTE](hidden)
     if isinstance(output, tuple):
         return (output[0] + term, *output[1:])
-    return output + term
+    return output
 
 
 def _inject_lora(expert: GraftedExpert, cfg: FlexConfig) -> None:
