@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import FAMILIES, build_tiny
+from transformers import AutoModelForCausalLM, NemotronHConfig
 
 from flexmoe.flex import (
     FlexConfig,
@@ -227,3 +228,59 @@ def test_a_grafted_model_deep_copies_into_an_independent_model():
     assert not torch.equal(logits(copy_), logits(model))
     copy_graft = next(iter(find_grafts(copy_).values())).grafted[0]
     assert copy_graft._apply_gate.__self__ is find_moe_layers(copy_)[0].experts
+
+
+def tiny_nemotron_h(**overrides):
+    """NemotronH: ungated experts (up -> act -> down), outside the families flexmoe verifies."""
+    config = NemotronHConfig(
+        vocab_size=160,
+        hidden_size=32,
+        layers_block_type=["moe", "attention", "moe"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_intermediate_size=24,
+        moe_shared_expert_intermediate_size=24,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        use_mamba_kernels=False,
+        pad_token_id=0,
+        dtype="float32",
+        **overrides,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in find_moe_layers(model):
+            layer.router.weight.normal_(0.0, 2.0 / 32**0.5)
+    return model
+
+
+def test_ungated_experts_are_selected_and_grafted_exactly():
+    model = tiny_nemotron_h()
+    base_logits = logits(model)
+    selections = selected(model)
+    brute_force = select_experts(
+        model, [{"input_ids": INPUT_IDS}], FlexConfig(), scoring="brute-force"
+    )
+    for index, selection in selections.items():
+        assert selection.selected == brute_force[index].selected
+    handle = graft(model, selections, FlexConfig())
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(1))
+    for layer in find_moe_layers(model):
+        expert = handle.grafts[layer.layer_index].grafted[0]
+        assert expert.act_proj is None
+        e = selections[layer.layer_index].selected[0]
+        torch.testing.assert_close(expert(x), layer.expert_forward(x, e), rtol=1e-6, atol=1e-6)
+    force_gate_output(model, 0.0)
+    assert torch.equal(logits(model), base_logits)
+
+
+def test_experts_in_a_latent_space_are_refused():
+    model = tiny_nemotron_h(moe_latent_size=16)
+    with pytest.raises(FlexError, match="latent space"):
+        select_experts(model, [{"input_ids": INPUT_IDS}], FlexConfig())

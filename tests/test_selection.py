@@ -7,7 +7,7 @@ from tiny_models import FAMILIES, build_tiny
 
 import flexmoe.flex.selection as selection_module
 from flexmoe.config import ConfigError
-from flexmoe.flex import FlexConfig, FlexError, select_experts
+from flexmoe.flex import FlexConfig, FlexError, graft, select_experts
 from flexmoe.moe import find_moe_layers
 
 
@@ -169,6 +169,9 @@ def test_bad_input_is_refused_with_a_clear_error():
         select_experts(model, [{"tokens": torch.ones(1, 4)}], FlexConfig())
     with pytest.raises(FlexError, match="has only 8 experts"):
         select_experts(model, calibration(), FlexConfig(r=9))
+    graft(model, select_experts(model, calibration(), FlexConfig()), FlexConfig())
+    with pytest.raises(FlexError, match="already grafted"):
+        select_experts(model, calibration(), FlexConfig())
 
 
 @pytest.mark.parametrize(

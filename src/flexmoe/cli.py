@@ -8,8 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import json
+
 import typer
 from rich.table import Table
+from transformers.utils import logging as hf_logging
 
 from flexmoe import config as config_io
 from flexmoe.runtime import configure_threads, console, output, set_quiet
@@ -39,6 +42,7 @@ def main(
 ) -> None:
     set_quiet(quiet)
     configure_threads(threads)
+    hf_logging.disable_progress_bar()
 
 
 def fail(message: str) -> typer.Exit:
@@ -160,22 +164,33 @@ def human_bytes(n: float) -> str:
 def run(
     methods: Annotated[
         str | None,
-        typer.Option(help="Comma-separated methods, or 'all' (default: flex,fedavg,fedavgm,local)."),
+        typer.Option(
+            help="Comma-separated methods, or 'all' (default: flex,fedavg,fedavgm,local)."
+        ),
     ] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
     clients: Annotated[int | None, typer.Option(help="Clients (dirichlet / iid).")] = None,
     local_steps: Annotated[int | None, typer.Option(help="Local steps per round.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
-    eval_samples: Annotated[int | None, typer.Option(help="Test items evaluated per client.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length at evaluation.")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Hub id or local model directory (default: built-in tiny MoE).")
+    eval_samples: Annotated[
+        int | None, typer.Option(help="Test items evaluated per client.")
     ] = None,
-    data: Annotated[str | None, typer.Option(help="Dataset: bundled name, local file or hub id.")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Generation length at evaluation.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Hub id or local model directory (default: built-in tiny MoE)."),
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Dataset: bundled name, local file or hub id.")
+    ] = None,
     partition: Annotated[
         str | None, typer.Option(help="pathological | dirichlet | domain | iid | natural.")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of partition, sampling and training.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of partition, sampling and training.")
+    ] = None,
     preset: Annotated[
         str | None, typer.Option(help="tiny (default for the built-in model) or paper.")
     ] = None,
@@ -213,3 +228,131 @@ def run(
         raise fail(str(err)) from None
     output.print(results_table(results))
     output.print(f"results: {run_dir / 'results.json'}")
+
+
+@app.command()
+def pretrain(
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Model directory (default: the built-in model's cache directory)."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Training steps (default: the recipe's).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Rebuild even if a finished build is cached.")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build flexmoe's base model: a BPE tokenizer and a small Qwen2-MoE trained from scratch.
+
+    Without options this builds (once, about 10 minutes on 2 CPU cores) the built-in default
+    model every other command uses, and prints its held-out perplexity and location.
+    """
+    from flexmoe.models.default_model import is_complete, model_dir_for
+    from flexmoe.models.pretrain import PretrainConfig, read_metadata
+    from flexmoe.models.pretrain import pretrain as run_pretrain
+
+    flags = [f"seed={seed}"] * (seed is not None) + [f"steps={steps}"] * (steps is not None)
+    try:
+        cfg = config_io.load(PretrainConfig, config, [*flags, *(set_ or [])])
+        cfg.validate()
+    except config_io.ConfigError as err:
+        raise fail(str(err)) from None
+    target = out or model_dir_for(cfg)
+    if not force and is_complete(target, cfg):
+        console.log(f"already built (use --force to rebuild): {target}")
+    else:
+        run_pretrain(cfg, target)
+    meta = read_metadata(target)
+    output.print(
+        f"held-out perplexity {meta['heldout']['perplexity']:.1f} "
+        f"({meta['heldout']['bits_per_byte']:.3f} bits/byte) on WikiText-2 test; "
+        f"{meta['num_parameters'] / 1e6:.1f}M parameters; saved to {target}"
+    )
+
+
+@app.command("select-experts")
+def select_experts_command(
+    model: Annotated[
+        str, typer.Option(help="Hub id or local model directory; 'default' = built-in.")
+    ] = "default",
+    data: Annotated[str, typer.Option(help="Bundled set, local file or hub id.")] = "dolly",
+    category: Annotated[list[str] | None, typer.Option(help="Keep these categories.")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration examples.")] = 32,
+    max_length: Annotated[int, typer.Option(help="Token length of calibration examples.")] = 256,
+    r: Annotated[int, typer.Option("--r", help="Experts to keep per layer.")] = 1,
+    strategy: Annotated[
+        str, typer.Option(help="reconstruction | random | most-routed.")
+    ] = "reconstruction",
+    seed: Annotated[int, typer.Option(help="Seed (sampling of calibration data, random).")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    field: FieldOpt = None,
+) -> None:
+    """Score every expert of every MoE layer on local data and print FLEx's choice.
+
+    The score is the reconstruction error ||Z - Z_e||_F of the layer output when the router may
+    only pick expert e (lower is better); the chosen expert is the grafting source.
+    """
+    import random
+
+    from flexmoe.data import DataError, build_prompt, load_instructions
+    from flexmoe.flex import FlexConfig, FlexError, select_experts
+    from flexmoe.models.default_model import ensure_default_model
+    from flexmoe.models.loading import load_model
+
+    try:
+        cfg = FlexConfig(
+            strategy=strategy,
+            r=r,
+            calibration_samples=samples,
+            calibration_max_length=max_length,
+            seed=seed,
+        )
+        source = str(ensure_default_model()) if model == "default" else model
+        loaded = load_model(source)
+        records = load_instructions(
+            data, split="train", categories=category, field_map=parse_field_map(field)
+        )
+        random.Random(seed).shuffle(records)
+        texts = [build_prompt(rec) + rec.response for rec in records[:samples]]
+        batches = [
+            loaded.tokenizer(
+                texts[i : i + 8],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            for i in range(0, len(texts), 8)
+        ]
+        selections = select_experts(loaded.model, batches, cfg)
+    except (config_io.ConfigError, DataError, FlexError, ValueError) as err:
+        raise fail(str(err)) from None
+    if json_out:
+        payload = {
+            str(i): {
+                "selected": s.selected,
+                "scores": s.scores,
+                "candidates": s.candidates,
+                "score": s.score_name,
+                "search": s.search,
+                "tokens": s.tokens,
+            }
+            for i, s in selections.items()
+        }
+        output.print_json(json.dumps(payload))
+        return
+    table = Table(title=f"{strategy} selection on {data}, {samples} examples (r={r})")
+    table.add_column("layer", justify="right")
+    table.add_column("selected", style="bold")
+    table.add_column("scores (lower is better)" if strategy == "reconstruction" else "scores")
+    for i, s in selections.items():
+        ranked = sorted(
+            zip(s.scores, s.candidates, strict=True), reverse=s.score_name != "reconstruction_error"
+        )
+        shown = ", ".join(f"{c}: {v:.3g}" for v, c in ranked[:8])
+        table.add_row(str(i), str(s.selected), shown + (" ..." if len(ranked) > 8 else ""))
+    output.print(table)

@@ -47,7 +47,8 @@ def heldout_perplexity(
         raise PerplexityError(
             f"max_tokens and batch_size must be >= 1, got {max_tokens}, {batch_size}"
         )
-    length = seq_len or min(getattr(model.config, "max_position_embeddings", 1024), 1024)
+    trained_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    length = seq_len or min(trained_length or 1024, 1024)
     if length < 1:
         raise PerplexityError(f"seq_len must be >= 1, got {seq_len}")
     ids = heldout_token_ids(tokenizer, max_tokens)

@@ -122,7 +122,7 @@ def routing_profile(
 
     def record_router(position: int, scoring: str, output) -> None:
         logits, _, top_index = output
-        keep = _token_mask(current["mask"], logits.shape[0], "router")
+        keep = _checked_mask(current["mask"], logits.shape[0], "router")
         logits, top_index = logits[keep].double(), top_index[keep]
         counts[position] += torch.bincount(
             top_index.reshape(-1).cpu(), minlength=counts[position].numel()
@@ -137,7 +137,7 @@ def routing_profile(
 
     def record_gate(layer_index: int, graft_position: int, output: Tensor) -> None:
         values = output.reshape(-1)
-        keep = _token_mask(current["mask"], values.shape[0], "graft gate")
+        keep = _checked_mask(current["mask"], values.shape[0], "graft gate")
         gate_sums[layer_index][graft_position] += float(values[keep].double().sum())
         if graft_position == 0:
             gate_tokens[layer_index] += int(keep.sum())
@@ -246,7 +246,8 @@ def _inputs(batch: Mapping[str, Tensor] | Tensor) -> tuple[Tensor, Tensor]:
     return input_ids, attention_mask.reshape(input_ids.shape)
 
 
-def _token_mask(mask: Tensor, rows: int, where: str) -> Tensor:
+def _checked_mask(mask: Tensor, rows: int, where: str) -> Tensor:
+    """The batch's token mask, after checking that a hooked module saw one row per position."""
     if mask.numel() != rows:
         raise RoutingStatsError(
             f"the {where} saw {rows} tokens for a batch of {mask.numel()} tokens: flexmoe "

@@ -39,6 +39,7 @@ from flexmoe.flex import (
 )
 from flexmoe.models.default_model import ensure_default_model
 from flexmoe.models.loading import LoadedModel, load_model
+from flexmoe.models.pretrain import read_metadata, seen_in_pretraining
 from flexmoe.moe.roles import (
     Role,
     SharingPolicy,
@@ -169,6 +170,7 @@ def _partition(
     test_per_client: int,
     seed: int,
     field_map: str,
+    pretrain_share: float | None,
 ) -> Partition:
     records = load_instructions(source, field_map=json.loads(field_map) or None)
     return make_partition(
@@ -179,7 +181,21 @@ def _partition(
         alpha=alpha,
         test_per_client=test_per_client,
         seed=seed,
+        test_eligible=(
+            None
+            if pretrain_share is None
+            else lambda r: not seen_in_pretraining(r.id, pretrain_share)
+        ),
     )
+
+
+def pretraining_share(cfg: RunConfig) -> float | None:
+    """The share of instruction data a flexmoe-pretrained base model saw (None for other models).
+
+    Test items are then drawn only from records it never saw, so ROUGE measures generalisation.
+    """
+    metadata = read_metadata(Path(model_source(cfg)))
+    return None if metadata is None else metadata["data"]["instruction_share"]
 
 
 def partition_for(cfg: RunConfig) -> Partition:
@@ -194,6 +210,7 @@ def partition_for(cfg: RunConfig) -> Partition:
         d.test_per_client,
         cfg.seed,
         json.dumps(d.field_map, sort_keys=True),
+        pretraining_share(cfg),
     )
 
 

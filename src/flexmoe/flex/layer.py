@@ -48,8 +48,6 @@ class GraftedExpert(nn.Module):
         self._interleaved = not experts.is_concatenated
         self._apply_gate = experts._apply_gate
         self.activation = copy.deepcopy(experts.act_fn) if gate is None else None
-        has_norm = getattr(experts, "has_post_expert_norm", False)
-        self.post_norm = copy.deepcopy(experts.post_expert_norm) if has_norm else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.act_proj is None:
@@ -61,8 +59,7 @@ class GraftedExpert(nn.Module):
             else:
                 native = torch.cat((gate, up), dim=-1)
             hidden = self._apply_gate(native)
-        out = self.out_proj(hidden)
-        return out if self.post_norm is None else self.post_norm(out)
+        return self.out_proj(hidden)
 
 
 class GraftGate(nn.Module):

@@ -28,8 +28,7 @@ from torch import nn
 from flexmoe.flex.config import FlexConfig
 from flexmoe.flex.errors import FlexError
 from flexmoe.flex.layer import FlexGraft, GraftedExpert
-from flexmoe.flex.selection import LayerSelection
-from flexmoe.moe import find_moe_layers
+from flexmoe.flex.selection import LayerSelection, graftable_layers
 
 GRAFT_ATTRIBUTE = "flex_graft"
 """Name of the child each MoE block gets."""
@@ -43,7 +42,7 @@ class GraftHandle:
 
     @property
     def selections(self) -> dict[int, LayerSelection]:
-        return {index: graft.selection for index, graft in self.grafts.items()}
+        return {index: module.selection for index, module in self.grafts.items()}
 
     @property
     def config(self) -> FlexConfig:
@@ -54,7 +53,7 @@ def graft(model: nn.Module, selections: dict[int, LayerSelection], cfg: FlexConf
     """Attach a copy of each layer's selected expert(s), gated per `cfg`, to every MoE block."""
     if find_grafts(model):
         raise FlexError("the model is already grafted; call remove_graft(model) first")
-    layers = find_moe_layers(model)
+    layers = graftable_layers(model)
     indices = [layer.layer_index for layer in layers]
     if sorted(selections) != indices:
         raise FlexError(
@@ -62,6 +61,11 @@ def graft(model: nn.Module, selections: dict[int, LayerSelection], cfg: FlexConf
             f"{indices}: select experts on this model (select_experts) before grafting"
         )
     for layer in layers:
+        if selections[layer.layer_index].layer_index != layer.layer_index:
+            raise FlexError(
+                f"the selection stored under layer {layer.layer_index} is for layer "
+                f"{selections[layer.layer_index].layer_index}"
+            )
         selected = selections[layer.layer_index].selected
         if len(selected) != cfg.r or len(set(selected)) != len(selected):
             raise FlexError(
@@ -127,7 +131,7 @@ def _add_graft_term(block: nn.Module, args: tuple, kwargs: dict, output):
     term = block._modules[GRAFT_ATTRIBUTE](hidden)
     if isinstance(output, tuple):
         return (output[0] + term, *output[1:])
-    return output
+    return output + term
 
 
 def _inject_lora(expert: GraftedExpert, cfg: FlexConfig) -> None:

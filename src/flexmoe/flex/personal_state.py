@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from flexmoe.flex.config import FlexConfig
 from flexmoe.flex.errors import FlexError, PersonalStateMismatchError
 from flexmoe.flex.layer import FlexGraft
-from flexmoe.flex.model import GraftHandle, find_grafts, graft
+from flexmoe.flex.model import GraftHandle, find_grafts, graft, remove_graft
 from flexmoe.flex.selection import LayerSelection
 from flexmoe.moe import MoELayer, find_moe_layers
 
@@ -84,8 +84,17 @@ def load_personal_state(model: nn.Module, path: str | Path) -> GraftHandle:
         handle = GraftHandle(grafts)
     else:
         handle = graft(model, selections, config)
-    saved = load_file(Path(path) / TENSORS_FILE)
-    expected = _personal_tensors(handle.grafts)
+    try:
+        _restore_tensors(handle.grafts, load_file(Path(path) / TENSORS_FILE), path)
+    except PersonalStateMismatchError:
+        if not grafts:  # leave the model as it came
+            remove_graft(model)
+        raise
+    return handle
+
+
+def _restore_tensors(grafts: dict[int, FlexGraft], saved: dict[str, Tensor], path) -> None:
+    expected = _personal_tensors(grafts)
     if set(saved) != set(expected):
         missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
         raise PersonalStateMismatchError(
@@ -100,7 +109,6 @@ def load_personal_state(model: nn.Module, path: str | Path) -> GraftHandle:
                     f"the model's graft {tuple(tensor.shape)}"
                 )
             tensor.copy_(saved[name])
-    return handle
 
 
 def read_personal_metadata(path: str | Path) -> dict[str, Any]:
@@ -135,13 +143,10 @@ def _layer_fingerprint(layer: MoELayer, selections: dict[int, LayerSelection]) -
     selection = selections.get(layer.layer_index)
     selected = [] if selection is None else selection.selected
     in_range = all(0 <= e < layer.num_experts for e in selected)
-    expert_tensors = [
-        weights[key]
-        for e in (selected if in_range else [])
-        for weights in [layer.expert_weights(e)]
-        for key in sorted(weights)
-        if weights[key] is not None
-    ]
+    expert_tensors = []
+    for e in selected if in_range else []:
+        weights = layer.expert_weights(e)
+        expert_tensors += [weights[key] for key in sorted(weights) if weights[key] is not None]
     router_state = layer.router.state_dict()
     return {
         "layer_index": layer.layer_index,

@@ -39,14 +39,15 @@ from torch import Tensor, nn
 
 from flexmoe.flex.config import FlexConfig
 from flexmoe.flex.errors import FlexError
-from flexmoe.moe import MoELayer, find_moe_layers
+from flexmoe.moe import SUPPORTED_FAMILIES, MoELayer, find_moe_layers
+from flexmoe.moe.adapter import PERSONAL_ATTRIBUTE
 from flexmoe.runtime import console
 
 EXHAUSTIVE_LIMIT = 2000
 """Largest number of candidate sets scored exhaustively for r > 1 (C(60, 2) = 1770 fits)."""
 
-_CHUNK_ELEMENTS = 1 << 24
-"""Bound on the elements of the largest scoring tensor (64 MB in fp32): tokens, and candidate
+_CHUNK_ELEMENTS = 1 << 26
+"""Bound on the elements of the largest scoring tensor (256 MB in fp32): tokens, and candidate
 sets, are processed in chunks so 60-expert layers fit in memory."""
 
 Scoring = Literal["vectorised", "brute-force"]
@@ -100,7 +101,12 @@ def select_experts(
     tokens. The model runs in eval mode without gradients (PhiMoE routes randomly and Mixtral
     jitters its inputs in train mode); its train/eval mode is restored afterwards.
     """
-    layers = find_moe_layers(model)
+    if any(getattr(module, PERSONAL_ATTRIBUTE, False) for module in model.modules()):
+        raise FlexError(
+            "the model is already grafted: select experts on the base model (remove_graft(model) "
+            "first), since a graft changes the inputs of the layers after it"
+        )
+    layers = graftable_layers(model)
     too_few = [layer for layer in layers if layer.num_experts < cfg.r]
     if too_few:
         raise FlexError(
@@ -116,6 +122,25 @@ def select_experts(
             return _select_most_routed(model, layers, calibration, cfg.r)
         squared_errors = _squared_errors if scoring == "vectorised" else _brute_force_squared_errors
         return _select_by_reconstruction(model, layers, calibration, cfg.r, squared_errors)
+
+
+def graftable_layers(model: nn.Module) -> list[MoELayer]:
+    """The model's MoE layers (`find_moe_layers`), refused if an expert copy cannot stand beside
+    the block: experts that work in a latent space behind projections inside the block
+    (NemotronH's `moe_latent_size`, MuseSpark's post-expert norm) do not compute on the block's
+    input, so neither scoring nor a graft on that input would mean what FLEx intends."""
+    layers = find_moe_layers(model)
+    for layer in layers:
+        block_width = layer.router.weight.shape[-1]
+        if layer.hidden_size != block_width or getattr(
+            layer.experts, "has_post_expert_norm", False
+        ):
+            raise FlexError(
+                f"the experts of {layer.path} work in a latent space (width {layer.hidden_size}, "
+                f"block input {block_width}) or behind a post-expert norm; FLEx grafts experts "
+                f"that compute on the block's input, as in {', '.join(SUPPORTED_FAMILIES)}"
+            )
+    return layers
 
 
 def _select_random(layers: list[MoELayer], cfg: FlexConfig) -> dict[int, LayerSelection]:
@@ -200,7 +225,7 @@ def _select_by_reconstruction(
             model, scoring_layers, calibration, candidates, squared_errors, description
         )
         for index, sets in candidates.items():
-            errors = totals[index].sqrt()
+            errors = totals[index].clamp(min=0).sqrt()  # the expansion can round below 0
             chosen[index] = sets[int(errors.argmin())].tolist()
             scored[index][0].extend(sets.tolist())
             scored[index][1].extend(errors.tolist())
@@ -260,7 +285,7 @@ def _squared_errors(layer: MoELayer, x2d: Tensor, sets: Tensor) -> Tensor:
         logits = layer.router_logits(x)
         outputs = layer.expert_forward(x).float()  # [E, T, H]
         routed = torch.einsum("te,eth->th", routing.dense_weights(logits), outputs)
-        routed_norms = routed.pow(2).sum(dim=-1).double().sum()
+        routed_squared = routed.pow(2).sum(dim=-1).double().sum()
         dots = torch.einsum("th,eth->et", routed, outputs).double()  # [E, T]
         if r == 1:  # only <E_e, E_e> is needed
             gram = outputs.pow(2).sum(dim=-1).double()[:, None, :]  # [E, 1, T]
@@ -283,7 +308,7 @@ def _squared_errors(layer: MoELayer, x2d: Tensor, sets: Tensor) -> Tensor:
                 member_gram = gram[members[:, :, None], members[:, None, :]]  # [n, r, r, T]
             cross = torch.einsum("ntr,nrt->n", weights, dots[members])
             own = torch.einsum("ntr,ntq,nrqt->n", weights, weights, member_gram)
-            total[start : start + n] += routed_norms - 2 * cross + own
+            total[start : start + n] += routed_squared - 2 * cross + own
     return total
 
 
@@ -353,25 +378,25 @@ def _run_calibration(
 ) -> int:
     """One model forward per batch; `consume(layer, x2d)` receives each block's input tokens
     (padding removed) as the forward reaches the block. Returns the number of tokens consumed."""
-    current_mask: list[Tensor] = []
-    consuming: list[bool] = [False]  # the brute-force scorer reruns the block inside the hook
+    mask = torch.ones(0, 0, dtype=torch.bool)  # the current batch's attention mask
+    busy = False  # the brute-force scorer reruns the block inside the hook: ignore those calls
 
     def capture(layer: MoELayer) -> Callable:
         def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
-            if consuming[0]:
+            nonlocal busy
+            if busy:
                 return
             hidden = args[0] if args else next(iter(kwargs.values()))
-            mask = current_mask[0]
             if hidden.shape[:2] != mask.shape:
                 raise FlexError(
                     f"block {layer.path} received hidden states of shape {tuple(hidden.shape)}, "
                     f"which do not line up with the attention mask {tuple(mask.shape)}"
                 )
-            consuming[0] = True
+            busy = True
             try:
                 consume(layer, hidden[mask])
             finally:
-                consuming[0] = False
+                busy = False
 
         return hook
 
@@ -383,7 +408,7 @@ def _run_calibration(
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task(description, total=len(calibration))
             for batch in calibration:
-                current_mask[:] = [batch.attention_mask.bool()]
+                mask = batch.attention_mask.bool()
                 model(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
                 )
