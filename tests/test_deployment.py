@@ -1,18 +1,25 @@
-"""Real Flower deployment on loopback: TLS, SuperNode authentication, one process per component.
+"""The flexmoe Flower App on a real deployment on loopback: TLS, SuperNode auth, one process each.
 
-The stand-in app in tests/deploy_app (FedAvg of a numpy linear model) must give bitwise the same
-final arrays deployed on a SuperLink + 2 SuperNodes as the same ServerApp/ClientApp run in-process
-on `EmbeddedGrid`.
+A FLEx run on a SuperLink + 2 SuperNodes — each SuperNode reading its own exported data-dir and
+keeping personal state in its own state-dir — must give *bitwise* the same aggregated shared
+arrays, personal states and test predictions as the same config run embedded (`run_methods`).
+Bitwise, not to a tolerance: both runtimes execute the same code with the same seeds and the same
+torch thread count, and the server sorts replies by partition before averaging in fp32, so the
+only difference — process boundaries and the network — must not change a single bit.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import tomllib
+from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import (
@@ -20,78 +27,202 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
     load_ssh_public_key,
 )
+from safetensors.torch import load_file
 
+from flexmoe.data import load_instructions
+from flexmoe.federated import task
+from flexmoe.federated.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from flexmoe.federated.deployment import (
     DeploymentError,
     LocalDeployment,
+    app_config_keys,
     toml_table,
     write_supernode_key_pair,
     write_tls_certificates,
 )
-from flexmoe.federated.grid import run_embedded
+from flexmoe.federated.export_data import ExportError, client_dir_name, export_client_data
+from flexmoe.federated.messages import load_run_config
+from flexmoe.federated.run import run_methods
+from flexmoe.flex import FlexConfig
 
-APP_DIR = Path(__file__).parent / "deploy_app"
-RUN_CONFIG = {"num-server-rounds": 2, "local-steps": 5, "learning-rate": 0.1, "seed": 7}
-
-
-def run_in_process(out_dir: Path, node_configs: list[dict], monkeypatch) -> dict[str, np.ndarray]:
-    """The same ServerApp and ClientApp objects on flexmoe's in-process grid (no network)."""
-    monkeypatch.syspath_prepend(str(APP_DIR))
-    from toyfed.client_app import app as client_app
-    from toyfed.server_app import app as server_app
-
-    with (APP_DIR / "pyproject.toml").open("rb") as f:
-        defaults = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-    run_config = {**defaults, **RUN_CONFIG, "out-dir": str(out_dir)}
-    run_embedded(server_app, client_app, len(node_configs), run_config, node_configs)
-    return dict(np.load(out_dir / "final_arrays.npz"))
+APP_DIR = Path(__file__).resolve().parents[1] / "deploy" / "flexmoe-app"
+CATEGORIES = ("closed_qa", "classification")
+RUN_NAME = "run"
+"""Both runtimes write to a directory of this name: it names the run in every message."""
 
 
-@pytest.mark.slow
-def test_tls_auth_deployment_matches_in_process(tmp_path, monkeypatch):
+def write_small_source(path: Path, per_category: int = 12) -> Path:
+    """The shortest Dolly records of two categories (fast to encode in every ClientApp process)."""
+    records = load_instructions("dolly", categories=CATEGORIES)
+    chosen = []
+    for category in CATEGORIES:
+        mine = [r for r in records if r.category == category]
+        mine.sort(key=lambda r: (len(r.instruction + r.context + r.response), r.id))
+        chosen += mine[:per_category]
+    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in chosen), encoding="utf-8")
+    return path
+
+
+def tiny_flex_config(model_dir: Path, source: Path) -> RunConfig:
+    return RunConfig(
+        model=str(model_dir),
+        methods=("flex",),
+        seed=3,
+        data=DataConfig(
+            source=str(source), partition="pathological", categories=CATEGORIES, test_per_client=2
+        ),
+        train=TrainConfig(
+            rounds=2, local_steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, max_length=96
+        ),
+        eval=EvalConfig(samples=2, max_new_tokens=4, batch_size=2),
+        flex=FlexConfig(calibration_samples=8, calibration_max_length=96),
+    )
+
+
+# --- exporting each client's data for its SuperNode ---------------------------------------------
+
+
+def test_exported_data_dirs_give_each_client_exactly_its_embedded_records(tmp_path):
+    source = write_small_source(tmp_path / "small.jsonl")
+    # Awkward text must survive the JSONL round trip: line separators, quotes, a FedIT client id.
+    lines = source.read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    first.update(response='a "quoted"\u2028line\nand more', fedit_client=7)
+    source.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n", encoding="utf-8")
+    cfg = tiny_flex_config(tmp_path / "no-model-needed", source)
+
+    dirs = export_client_data(cfg, tmp_path / "nodes")
+
+    partition = task.partition_for(cfg)
+    assert [d.name for d in dirs] == list(CATEGORIES)
+    for client, data_dir in zip(partition.clients, dirs, strict=True):
+        exported = task.client_data(cfg, client.client_id, str(data_dir))
+        assert exported == client, "same records, same order, same name as embedded"
+    assert any(r.fedit_client == 7 for c in partition.clients for r in c.train + c.test)
+    manifest = json.loads((tmp_path / "nodes" / "partition.json").read_text())
+    assert manifest["hash"] == partition.hash
+    assert manifest["data_dirs"] == {"0": str(dirs[0]), "1": str(dirs[1])}
+    assert load_run_config(str(tmp_path / "nodes" / "config.resolved.json")) == cfg
+
+
+def test_export_refuses_to_mix_partitions_and_names_unsafe_dirs_by_id(tmp_path):
+    cfg = tiny_flex_config(tmp_path, write_small_source(tmp_path / "small.jsonl"))
+    export_client_data(cfg, tmp_path / "nodes")
+    with pytest.raises(ExportError, match="already holds client data"):
+        export_client_data(replace(cfg, seed=4), tmp_path / "nodes")
+
+    assert client_dir_name(3, "closed_qa") == "closed_qa"
+    assert client_dir_name(3, "../etc") == "client-3"
+    assert client_dir_name(3, "a b") == "client-3"
+    assert client_dir_name(3, ".hidden") == "client-3"
+
+
+# --- the deployment: real flexmoe apps against the embedded runtime ---------------------------
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, tiny_lm_dir):
+    """One TLS + auth deployment (2 SuperNodes) that ran FLEx; the same config run embedded."""
+    root = tmp_path_factory.mktemp("deployment")
+    cfg = tiny_flex_config(tiny_lm_dir, write_small_source(root / "small.jsonl"))
+    run_methods(cfg, root / "embedded" / RUN_NAME)
+
+    data_dirs = export_client_data(cfg, root / "nodes")
     node_configs = [
-        {"data-dir": str(tmp_path / f"data-{i}"), "state-dir": str(tmp_path / f"state-{i}")}
-        for i in range(2)
+        {"data-dir": str(data_dir), "state-dir": str(root / f"state-{i}")}
+        for i, data_dir in enumerate(data_dirs)
     ]
-    with LocalDeployment(
-        APP_DIR, num_supernodes=2, node_configs=node_configs, tls=True, auth=True
-    ) as deployment:
-        assert deployment.certificates is not None
-        completed = deployment.run({**RUN_CONFIG, "out-dir": str(tmp_path / "out")})
-        work_dir = deployment.work_dir
-
-    assert completed.status == "finished:completed"
-    assert "[ROUND 2/2]" in completed.log
-    assert "Received 2 results and 0 failures" in completed.log
-    deployed = dict(np.load(tmp_path / "out" / "final_arrays.npz"))
-    expected = run_in_process(tmp_path / "in-process", node_configs, monkeypatch)
-    assert deployed.keys() == expected.keys()
-    for key in expected:
-        assert deployed[key].dtype == np.float32
-        np.testing.assert_array_equal(deployed[key], expected[key])
-    assert not work_dir.exists(), "a clean exit removes the temporary work dir"
-
-
-@pytest.mark.slow
-def test_unregistered_supernode_is_refused_and_failed_runs_raise(tmp_path):
-    """One SuperNode (to save start-up time) serves both checks."""
-    with LocalDeployment(APP_DIR, num_supernodes=1, work_dir=tmp_path, startup_timeout=60) as dep:
+    # Neither app sets torch's thread count, so OMP_NUM_THREADS does: the same as this process.
+    threads = str(torch.get_num_threads())
+    env = {"FLEXMOE_THREADS": threads, "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
+    with LocalDeployment(APP_DIR, num_supernodes=2, node_configs=node_configs, env=env) as dep:
+        assert dep.certificates is not None and dep.auth
         intruder = dep.start_supernode({"partition-id": 1, "num-partitions": 2}, register=False)
-        deadline = time.monotonic() + 30
-        while intruder.popen.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert intruder.popen.poll() not in (None, 0), "the SuperLink must refuse the node"
-        assert "Failed to activate SuperNode" in intruder.log.read_text()
-        assert dep.node_statuses() == ["online"]
-
-        not_a_dir = tmp_path / "a-file"
-        not_a_dir.write_text("")
-        failing = {"num-nodes": 1, "num-server-rounds": 0, "out-dir": str(not_a_dir / "out")}
-        with pytest.raises(DeploymentError, match="finished:failed") as error:
-            dep.run(failing)
-        assert "NotADirectoryError" in str(error.value), "the ServerApp traceback is reported"
+        completed = dep.run(
+            {
+                "config": str(root / "nodes" / "config.resolved.json"),
+                "method": "flex",
+                "run-dir": str(root / "deployed" / RUN_NAME),
+            }
+        )
+        yield SimpleNamespace(
+            root=root, deployment=dep, completed=completed, intruder=intruder, cfg=cfg
+        )
         popens = [process.popen for process in dep.processes]
     assert all(popen.poll() is not None for popen in popens), "teardown ends every component"
+
+
+@pytest.mark.slow
+def test_deployed_flex_matches_embedded_bitwise(deployed):
+    embedded = deployed.root / "embedded" / RUN_NAME
+    remote = deployed.root / "deployed" / RUN_NAME
+    assert deployed.completed.status == "finished:completed"
+    assert "flex round 2/2" in deployed.completed.log
+
+    expected = dict(np.load(embedded / "flex" / "final_shared.npz"))
+    actual = dict(np.load(remote / "flex" / "final_shared.npz"))
+    assert actual.keys() == expected.keys() and expected
+    for key in expected:
+        assert actual[key].dtype == np.float32
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+    def train_losses(run_dir: Path) -> list[dict]:
+        rounds = (run_dir / "flex" / "rounds.jsonl").read_text().splitlines()
+        return [
+            {pid: c["train-loss"] for pid, c in json.loads(line)["clients"].items()}
+            for line in rounds
+        ]
+
+    assert train_losses(remote) == train_losses(embedded)
+    for pid in (0, 1):
+        # The SuperNode of partition `pid` kept that client's state in its own state-dir.
+        deployed_client = deployed.root / f"state-{pid}" / RUN_NAME / "flex" / f"client-{pid}"
+        embedded_client = embedded / "state" / RUN_NAME / "flex" / f"client-{pid}"
+        personal = Path("round-0002") / "personal" / "personal_state.safetensors"
+        mine, theirs = load_file(deployed_client / personal), load_file(embedded_client / personal)
+        assert mine.keys() == theirs.keys() and mine
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+        # Evaluation restored that state from disk in a fresh process: same generated text.
+        predictions = "predictions.jsonl"
+        assert (deployed_client / predictions).read_text() == (
+            embedded_client / predictions
+        ).read_text()
+        other = deployed.root / f"state-{pid}" / RUN_NAME / "flex" / f"client-{1 - pid}"
+        assert not other.exists(), "a node holds only its own client's state"
+
+
+@pytest.mark.slow
+def test_unregistered_supernode_is_refused(deployed):
+    intruder = deployed.intruder
+    deadline = time.monotonic() + 30
+    while intruder.popen.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert intruder.popen.poll() not in (None, 0), "the SuperLink must refuse the node"
+    assert "Failed to activate SuperNode" in intruder.log.read_text()
+    assert deployed.deployment.node_statuses() == ["online", "online"]
+
+
+@pytest.mark.slow
+def test_a_failing_run_raises_with_the_server_traceback(deployed):
+    missing = deployed.root / "no-such-config.json"
+    run_config = {"config": str(missing), "method": "flex", "run-dir": str(deployed.root / "x")}
+    with pytest.raises(DeploymentError, match="finished:failed") as error:
+        deployed.deployment.run(run_config)
+    assert missing.name in str(error.value), "the ServerApp's error is in the report"
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+
+def test_app_declares_the_run_config_the_server_app_reads():
+    assert app_config_keys(APP_DIR) == {"config", "method", "run-dir", "stop-after"}
+    with (APP_DIR / "pyproject.toml").open("rb") as f:
+        flwr = tomllib.load(f)["tool"]["flwr"]
+    assert flwr["app"]["components"] == {
+        "serverapp": "flexmoe.federated.server_app:app",
+        "clientapp": "flexmoe.federated.client_app:app",
+    }
+    assert "federations" not in flwr, "flwr 1.41 would rewrite the file to migrate it"
 
 
 def test_certificates_and_keys_have_the_formats_flower_reads(tmp_path):
@@ -122,10 +253,10 @@ def test_toml_table_round_trips_and_rejects_bad_values():
 
 def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
     deployment = LocalDeployment(APP_DIR, work_dir=tmp_path)  # constructed, not started
-    with pytest.raises(DeploymentError, match=r"not declared.*out-dir"):
+    with pytest.raises(DeploymentError, match=r"not declared.*run-dir"):
         deployment.run({"no-such-key": 1})
     with pytest.raises(DeploymentError, match="not running"):
-        deployment.run({"seed": 1})
+        deployment.run({"method": "flex"})
     with pytest.raises(DeploymentError, match=r"no pyproject\.toml"):
         LocalDeployment(tmp_path)
     with pytest.raises(DeploymentError, match="one mapping per SuperNode"):

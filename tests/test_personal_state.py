@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import build_tiny
 
 from flexmoe.flex import (
@@ -158,3 +158,15 @@ def test_missing_or_foreign_files_are_refused(tmp_path):
     (tmp_path / "state" / METADATA_FILE).write_text(json.dumps(description))
     with pytest.raises(PersonalStateMismatchError, match="format version 99"):
         load_personal_state(build_tiny("qwen2_moe"), tmp_path / "state")
+
+
+def test_a_tensor_file_that_does_not_fit_is_refused_and_leaves_the_model_bare(tmp_path):
+    model, _ = trained_graft()
+    save_personal_state(model, tmp_path)
+    tensors = load_file(tmp_path / TENSORS_FILE)
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, tmp_path / TENSORS_FILE)
+    fresh = build_tiny("qwen2_moe", seed=0)
+    with pytest.raises(PersonalStateMismatchError, match="does not fit the model's grafts"):
+        load_personal_state(fresh, tmp_path)
+    assert not find_grafts(fresh)

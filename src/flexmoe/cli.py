@@ -5,10 +5,9 @@ Commands only parse options and print; the work lives in the library modules the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
-
-import json
 
 import typer
 from rich.table import Table
@@ -355,4 +354,50 @@ def select_experts_command(
         )
         shown = ", ".join(f"{c}: {v:.3g}" for v, c in ranked[:8])
         table.add_row(str(i), str(s.selected), shown + (" ..." if len(ranked) > 8 else ""))
+    output.print(table)
+
+
+@app.command()
+def inspect(
+    model: Annotated[
+        str, typer.Option(help="Hub id or local model directory; 'default' = built-in.")
+    ] = "default",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show a model's MoE structure and its parameters per role (what a FLEx round ships)."""
+    from flexmoe.models.default_model import ensure_default_model
+    from flexmoe.models.loading import load_model
+    from flexmoe.moe import describe
+    from flexmoe.moe.roles import role_table
+
+    try:
+        source = str(ensure_default_model()) if model == "default" else model
+        loaded = load_model(source, require_tokenizer=False, device="cpu")
+    except ValueError as err:
+        raise fail(str(err)) from None
+    structure = describe(loaded.model)
+    roles = role_table(loaded.model)
+    total = sum(s.numel for s in roles.values())
+    if json_out:
+        payload = {
+            "structure": structure,
+            "roles": {
+                str(r): {"tensors": s.count, "parameters": s.numel, "bytes": s.bytes}
+                for r, s in roles.items()
+            },
+        }
+        output.print_json(json.dumps(payload, default=str))
+        return
+    output.print(structure)
+    table = Table(title=f"parameters per role ({total:,} in all)")
+    for column in ("role", "tensors", "parameters", "share", "bytes"):
+        table.add_column(column, justify="left" if column == "role" else "right")
+    for role, stats in roles.items():
+        table.add_row(
+            str(role),
+            str(stats.count),
+            f"{stats.numel:,}",
+            f"{stats.numel / total:.2%}",
+            human_bytes(stats.bytes),
+        )
     output.print(table)

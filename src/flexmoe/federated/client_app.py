@@ -62,6 +62,8 @@ def train(msg: Message, context: Context) -> Message:
         local_steps=int(config["local-steps"]),
         batch_size=int(config["batch-size"]),
         prox_mu=float(config.get("proximal-mu", 0.0)),
+        weight_decay=cfg.train.weight_decay,
+        grad_clip=cfg.train.grad_clip,
     )
     shared_out, metrics, control = task.train_client(
         mm, data, job, store, shared_in, cfg.seed, cfg.train.max_length, server_control

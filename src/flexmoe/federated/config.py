@@ -101,6 +101,8 @@ class RunConfig:
             raise ConfigError("train.rounds, train.local_steps and train.batch_size must be >= 1")
         if not 0 < self.train.fraction_train <= 1:
             raise ConfigError("train.fraction_train must be in (0, 1]")
+        if self.train.min_successful_clients < 1:
+            raise ConfigError("train.min_successful_clients must be >= 1")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -66,7 +66,9 @@ def export_client_data(cfg: RunConfig, out_dir: str | Path) -> list[Path]:
         _write_jsonl(path / "test.jsonl", client.test)
     manifest = {
         **partition.to_dict(),
-        "data_dirs": {str(c.client_id): str(d) for c, d in zip(partition.clients, dirs, strict=True)},
+        "data_dirs": {
+            str(c.client_id): str(d) for c, d in zip(partition.clients, dirs, strict=True)
+        },
     }
     (out / "partition.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     (out / "config.resolved.json").write_text(cfg.to_json() + "\n", encoding="utf-8")

@@ -24,5 +24,7 @@ def load_run_config(value: str) -> RunConfig:
     if value.lstrip().startswith("{"):
         return decode_run_config(value)
     path = Path(value)
-    data = json.loads(path.read_text()) if path.suffix == ".json" else config_io.read_config_file(path)
+    data = (
+        json.loads(path.read_text()) if path.suffix == ".json" else config_io.read_config_file(path)
+    )
     return config_io.build(RunConfig, data, where=value)

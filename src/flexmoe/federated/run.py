@@ -7,9 +7,9 @@ the same ClientApp and ServerApp a deployment runs, one client at a time, determ
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from pathlib import Path
+
+from flwr.clientapp import ClientApp
 
 from flexmoe import __version__
 from flexmoe.federated import task
@@ -45,8 +45,19 @@ def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig
     return cfg
 
 
-def run_methods(cfg: RunConfig, out: Path, *, stop_after: int | None = None) -> dict:
-    """Run every method of `cfg` under `out` (resuming any that checkpointed) and collect results."""
+def run_methods(
+    cfg: RunConfig,
+    out: Path,
+    *,
+    stop_after: int | None = None,
+    client: ClientApp = client_app,
+) -> dict:
+    """Run every method of `cfg` under `out` (resuming any that checkpointed) and collect results.
+
+    `stop_after` ends every method after that round (checkpointed, as if the run were killed);
+    `results.json` is then not written and `{}` is returned. `client` is the ClientApp every
+    embedded node runs (flexmoe's; tests wrap it to observe messages or inject faults).
+    """
     methods = resolve_methods(cfg.methods)
     partition = task.partition_for(cfg)
     console.print(partition.summary_table())
@@ -54,32 +65,27 @@ def run_methods(cfg: RunConfig, out: Path, *, stop_after: int | None = None) -> 
     results = {}
     for method in methods:
         method_dir = out / method.name
+        if not (method_dir / "result.json").is_file():
+            console.rule(f"{method.name}: {method.description}")
+            run_embedded(
+                server_app,
+                client,
+                num_clients,
+                run_config={
+                    "config": cfg.to_json(),
+                    "method": method.name,
+                    "run-dir": str(out),
+                    "stop-after": stop_after or 0,
+                },
+                node_configs=[{"state-dir": str(out / "state")}] * num_clients,
+                seed=cfg.seed,
+            )
         if (method_dir / "result.json").is_file():
             results[method.name] = json.loads((method_dir / "result.json").read_text())
-            continue
-        console.rule(f"{method.name}: {method.description}")
-        started = time.perf_counter()
-        run_embedded(
-            server_app,
-            client_app,
-            num_clients,
-            run_config={
-                "config": cfg.to_json(),
-                "method": method.name,
-                "run-dir": str(out),
-                "stop-after": stop_after or 0,
-            },
-            node_configs=[{"state-dir": str(out / "state")}] * num_clients,
-            seed=cfg.seed,
-        )
-        if stop_after is not None:
-            return {}
-        result = json.loads((method_dir / "result.json").read_text())
-        result["wall_seconds"] = time.perf_counter() - started
-        results[method.name] = result
+    if len(results) < len(methods):  # stopped early by `stop_after`
+        return {}
     summary = build_results(cfg, partition, results)
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    shutil.rmtree(out / "state" / "tmp", ignore_errors=True)
     return summary
 
 

@@ -120,7 +120,8 @@ def serve_method(
         "comm": comm,
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    np.savez(run_dir / "final_shared.npz", **final) if final else None
+    if final:
+        np.savez(run_dir / "final_shared.npz", **final)
     return result
 
 

@@ -196,7 +196,10 @@ class RoundLoop:
         if self.strategy is not None and len(good) >= self.min_successful:
             aggregated, _ = self.strategy.aggregate_train(server_round, good)
             if aggregated is not None:
-                arrays = {k: v.numpy().copy() for k, v in aggregated.items()}
+                # Back to the global arrays' dtype: Flower's FedAdam returns float64 (its
+                # bias-corrected step size is a float64 scalar), which would double every
+                # later message.
+                arrays = {k: v.numpy().astype(arrays[k].dtype) for k, v in aggregated.items()}
         elif self.strategy is not None:
             console.log(
                 f"[red]round {server_round}: {len(good)} valid update(s) < minimum "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -260,6 +260,8 @@ class RoundJob:
     local_steps: int
     batch_size: int
     prox_mu: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
 
 
 def client_store(
@@ -269,12 +271,17 @@ def client_store(
 
 
 def restore_personal(
-    mm: MethodModel, store: ClientStateStore, restore_round: int, calibration: list | None
+    mm: MethodModel,
+    store: ClientStateStore,
+    restore_round: int,
+    calibration: list | None,
+    client_id: int,
 ) -> dict:
     """Put this client's personal tensors into the shared model; returns the FLEx selection.
 
     FLEx: the grafts of another client are removed, then this client's are loaded; on its first
-    round the client selects its experts on `calibration` batches of its own data and grafts them.
+    round the client selects its experts on `calibration` batches of its own data and grafts them
+    (the "random" ablation draws with a seed of its own per client, so clients differ).
     `local`: the client's own full model (the base model in its first round).
     """
     previous = store.latest(restore_round)
@@ -286,7 +293,8 @@ def restore_personal(
         else:
             if calibration is None:
                 raise RuntimeError("a FLEx client must train once before it can be evaluated")
-            handle = graft(model, select_experts(model, calibration, mm.flex), mm.flex)
+            flex = replace(mm.flex, seed=round_seed(mm.flex.seed, 0, client_id))
+            handle = graft(model, select_experts(model, calibration, flex), flex)
         return {i: s.selected for i, s in handle.selections.items()}
     if mm.base_trainable is not None:
         _restore(
@@ -322,7 +330,7 @@ def train_client(
         client_seed,
         tokenizer.pad_token_id,
     )
-    restore_personal(mm, store, job.restore_round, calibration)
+    restore_personal(mm, store, job.restore_round, calibration, data.client_id)
     if mm.method.trains == "all":
         trainable = {n for n, _ in model.named_parameters()}
         for param in model.parameters():
@@ -343,7 +351,16 @@ def train_client(
         correction = scaffold.control_correction(server_control, c_i)
         hook = lambda ps: scaffold.correct_gradients({n: ps[n] for n in correction}, correction)  # noqa: E731
     torch.manual_seed(client_seed)
-    loss = train_local(model, params, batches, lr=job.lr, prox_mu=job.prox_mu, gradient_hook=hook)
+    loss = train_local(
+        model,
+        params,
+        batches,
+        lr=job.lr,
+        weight_decay=job.weight_decay,
+        grad_clip=job.grad_clip,
+        prox_mu=job.prox_mu,
+        gradient_hook=hook,
+    )
     shared_out = shared_tensors(mm)
     if server_control is not None:
         control = scaffold.updated_client_control(
@@ -382,7 +399,7 @@ def evaluate_client(
     """ROUGE of this client's model (global shared + its personal state) on its own test split."""
     if shared_in:
         load_shared(mm, shared_in)
-    restore_personal(mm, store, restore_round, None)
+    restore_personal(mm, store, restore_round, None, data.client_id)
     records = data.test[:samples]
     predictions = generate_responses(
         mm.model,
