@@ -37,7 +37,7 @@ out = Path(spec.pop("out"))
 cfg = config_io.build(RunConfig, spec)
 prepare_run_dir(out, cfg, resume=False)
 start = time.perf_counter()
-results = run_methods(cfg, out)
+run_methods(cfg, out)
 print(json.dumps({"seconds": time.perf_counter() - start,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="flexmoe-bench-"))
     pathological = {"partition": "pathological"}
-    comm = run(spec_for(args.model, tmp / "comm", ["flex", "fedavg"], pathological, 1))
+    run(spec_for(args.model, tmp / "comm", ["flex", "fedavg"], pathological, 1))
     results = json.loads((tmp / "comm" / "results.json").read_text())
     flex_bytes = results["methods"]["flex"]["comm"]
     fedavg_bytes = results["methods"]["fedavg"]["comm"]

@@ -37,17 +37,18 @@ ALL_METHODS = (
 )
 
 
-def write_small_dolly(path: Path, per_category: int = 24) -> Path:
-    """The shortest Dolly records of each paper category, as a JSONL file.
+def write_small_dolly(path: Path, sizes: tuple[int, ...] = (26, 16, 30, 22)) -> Path:
+    """The shortest Dolly records of each paper category (`sizes[i]` of the i-th), as JSONL.
 
     Short records fit the tests' max_length, and encoding a hundred records instead of Dolly's
-    thousands keeps each run's data preparation well under a second.
+    thousands keeps each run's data preparation well under a second. Unequal sizes make
+    sample-weighted and plain means differ.
     """
     rows = []
-    for category in PAPER_CATEGORIES:
+    for category, size in zip(PAPER_CATEGORIES, sizes, strict=True):
         records = load_instructions("dolly", categories=[category])
         records.sort(key=lambda r: (len(r.instruction) + len(r.context) + len(r.response), r.id))
-        rows += [dataclasses.asdict(r) for r in records[:per_category]]
+        rows += [dataclasses.asdict(r) for r in records[:size]]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
 
@@ -57,7 +58,14 @@ def tiny_config(model_dir: Path, data_file: Path, methods, **overrides) -> RunCo
     values = {
         "model": str(model_dir),
         "methods": list(methods),
-        "train": {"rounds": 2, "local_steps": 2, "batch_size": 2, "lr": 1e-3, "max_length": 96},
+        "train": {
+            "rounds": 2,
+            "local_steps": 2,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "min_lr": 5e-4,
+            "max_length": 96,
+        },
         "data": {"source": str(data_file), "test_per_client": 4},
         "eval": {"samples": 2, "max_new_tokens": 4},
         "flex": {"calibration_samples": 8, "calibration_max_length": 64},

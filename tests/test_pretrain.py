@@ -262,6 +262,10 @@ def test_config_overrides_merge_into_the_mixture_and_bad_values_are_named(tmp_pa
     assert cfg.steps == 10
     with pytest.raises(ConfigError, match="top_k=9 exceeds num_experts=8"):
         replace(PretrainConfig(), num_experts=8, top_k=9).validate()
+    with pytest.raises(ConfigError, match="lr must be float, got 'fast'"):
+        load(PretrainConfig, None, ["lr=fast"]).validate()
+    with pytest.raises(ConfigError, match=r"steps must be int, got 2\.5"):
+        load(PretrainConfig, None, ["steps=2.5"]).validate()
     with pytest.raises(ConfigError, match="experts_implementation"):
         replace(PretrainConfig(), experts_implementation="fast").validate()
     no_data = [f"mix.{name}=0" for name in ("corpus", *INSTRUCTION_SOURCES)]

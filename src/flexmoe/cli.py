@@ -401,3 +401,56 @@ def inspect(
             human_bytes(stats.bytes),
         )
     output.print(table)
+
+
+RunDirArg = Annotated[Path, typer.Argument(help="A run directory written by `flexmoe run`.")]
+MethodOpt = Annotated[str, typer.Option(help="The run's method whose model to use.")]
+ClientOpt = Annotated[str, typer.Option(help="Client id or name (e.g. 0 or closed_qa).")]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="Where the clients kept their state, if not RUN_DIR/state (deployed runs)."),
+]
+
+
+@app.command()
+def generate(
+    run_dir: RunDirArg,
+    prompt: Annotated[str, typer.Argument(help="The instruction to answer.")],
+    method: MethodOpt = "flex",
+    client: ClientOpt = "0",
+    context: Annotated[str, typer.Option(help="Input the instruction refers to.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 128,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Answer a prompt with one client's personalised model from a finished run."""
+    from flexmoe.federated.artifacts import generate_text
+
+    try:
+        answer = generate_text(
+            run_dir, method, client, prompt, max_new_tokens, context, state_dir=state_dir
+        )
+    except ValueError as err:
+        raise fail(str(err)) from None
+    output.print(answer, markup=False, highlight=False)
+
+
+@app.command()
+def export(
+    run_dir: RunDirArg,
+    out: Annotated[Path, typer.Option(help="Directory to write (must not exist or be empty).")],
+    method: MethodOpt = "flex",
+    client: ClientOpt = "0",
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Write one client's model as a standalone directory: a Hugging Face checkpoint (base +
+    aggregated shared weights) and, for FLEx, the client's personal state."""
+    from flexmoe.evaluation.export import export_client_model
+
+    try:
+        path = export_client_model(run_dir, method, client, out, state_dir=state_dir)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    output.print(
+        f"exported client {client} of {method} to {path} "
+        "(load it with flexmoe.evaluation.export.load_exported)"
+    )

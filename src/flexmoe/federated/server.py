@@ -50,7 +50,7 @@ def serve_method(
     run_dir.mkdir(parents=True, exist_ok=True)
     ledger = CommLedger()
     metered = MeteredGrid(grid, ledger)
-    mm = task.method_model(cfg, method, run_name)
+    mm = task.method_model(cfg, method, run_name, fresh=True)
     initial = {k: v.numpy() for k, v in task.shared_tensors(mm).items()}
     full_bytes = full_model_bytes(dict(mm.model.named_parameters()))
     partitions = discover_partitions(metered, timeout=3600)

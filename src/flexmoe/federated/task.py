@@ -83,17 +83,20 @@ class MethodModel:
 _current: MethodModel | None = None
 
 
-def method_model(cfg: RunConfig, method: Method, run_name: str) -> MethodModel:
+def method_model(
+    cfg: RunConfig, method: Method, run_name: str, *, fresh: bool = False
+) -> MethodModel:
     """The process's model set up for `method` of run `run_name`.
 
-    Loaded fresh from the checkpoint whenever the method or run changes (a baseline trains every
-    weight, so nothing of a previous method may leak into the next); re-used by every client of
-    the same method and run.
+    Loaded fresh from the checkpoint whenever the configuration, method or run changes (a
+    baseline trains every weight, so nothing of a previous method may leak into the next), or
+    when `fresh` (the server starting or resuming a method: clients of an earlier start in this
+    process have trained the model); re-used by every client of the same method and run.
     """
     global _current
     source = model_source(cfg)
-    key = (source, cfg.dtype, cfg.device, run_name, method.name)
-    if _current is not None and _current.key == key:
+    key = (cfg.hash(), run_name, method.name)
+    if _current is not None and _current.key == key and not fresh:
         return _current
     _current = None
     loaded = load_model(source, dtype=cfg.dtype, device=cfg.device)
@@ -284,7 +287,7 @@ def restore_personal(
     (the "random" ablation draws with a seed of its own per client, so clients differ).
     `local`: the client's own full model (the base model in its first round).
     """
-    previous = store.latest(restore_round)
+    previous = store.latest(10**6)
     model = mm.model
     if mm.method.graft:
         remove_graft(model)

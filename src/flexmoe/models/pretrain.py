@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -117,9 +117,11 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent option and how to fix it."""
+        _check_types(self)
+        _check_types(self.mix)
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
         positive += ("num_experts", "top_k", "moe_intermediate_size", "seq_len", "batch_size")
-        positive += ("steps", "eval_tokens", "tokenizer_chars")
+        positive += ("shared_expert_intermediate_size", "steps", "eval_tokens", "tokenizer_chars")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -151,6 +153,18 @@ class PretrainConfig:
         weights = to_dict(self.mix)
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise ConfigError(f"mix weights must be >= 0 with a positive sum, got {weights}")
+
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def _check_types(options) -> None:
+    """Options from a file or `--set` arrive untyped: name a wrong type before it fails deep."""
+    for option in fields(options):
+        value, expected = getattr(options, option.name), _TYPES.get(option.type)
+        is_bool = isinstance(value, bool)
+        if expected and (not isinstance(value, expected) or is_bool != (option.type == "bool")):
+            raise ConfigError(f"{option.name} must be {option.type}, got {value!r}")
 
 
 @dataclass
