@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from flexmoe.config import ConfigError
+from flexmoe.federated.methods import resolve_methods
 from flexmoe.flex.config import FlexConfig
 
 PAPER_CATEGORIES = ("closed_qa", "information_extraction", "classification", "summarization")
@@ -101,6 +102,7 @@ class RunConfig:
             raise ConfigError("train.rounds, train.local_steps and train.batch_size must be >= 1")
         if not 0 < self.train.fraction_train <= 1:
             raise ConfigError("train.fraction_train must be in (0, 1]")
+        resolve_methods(self.methods)
         if self.train.min_successful_clients < 1:
             raise ConfigError("train.min_successful_clients must be >= 1")
 

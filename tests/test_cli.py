@@ -1,0 +1,77 @@
+"""The command line: every command documents itself; bad input ends in one clear line, exit 2."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flexmoe.cli import app, deep_merge, resolve_run_config
+
+runner = CliRunner()
+COMMANDS = ["run", "pretrain", "data", "select-experts", "inspect", "generate", "export"]
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_useful_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output and len(result.output.splitlines()) > 8
+
+
+def test_data_command_shows_the_dolly_breakdown():
+    result = runner.invoke(app, ["data", "dolly", "--split", "test"])
+    assert result.exit_code == 0, result.output
+    assert "closed_qa" in result.output and "80" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data", "missing.jsonl"], "file not found"),
+        (["data", "dolyy"], "did you mean 'dolly'"),
+        (["data", "dolly", "--category", "poetry"], "unknown category"),
+        (["data", "dolly", "--field", "nonsense"], "our_field=their_column"),
+        (["run", "--methods", "flex,magic", "--out", "unused"], "unknown method"),
+        (["run", "--set", "train.rounds=0", "--out", "unused"], "must be >= 1"),
+        (["run", "--set", "nonsense=1", "--out", "unused"], "unknown option"),
+        (["pretrain", "--set", "hidden=3"], "unknown option"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_exit_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "unused").exists()  # nothing is written for a rejected run
+
+
+def test_run_config_precedence_preset_file_flags_set(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: some/model\ntrain:\n  rounds: 7\n  lr: 0.5\nseed: 3\n")
+    flags = {"seed": 9, "train": {"rounds": None, "local_steps": 2}}
+    cfg = resolve_run_config(config_file, flags, ["train.lr=0.25"], preset=None)
+    assert cfg.model == "some/model"  # from the file
+    assert cfg.train.rounds == 7  # file beats the preset ("paper": 50); a None flag changes nothing
+    assert cfg.seed == 9 and cfg.train.local_steps == 2  # flags beat the file
+    assert cfg.train.lr == 0.25  # --set beats everything
+    assert cfg.train.batch_size == 4  # the paper preset for a non-built-in model
+
+
+def test_deep_merge_keeps_untouched_keys():
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3, "d": None}}) == {"a": {"b": 1, "c": 3}}
+
+
+def test_run_refuses_to_overwrite_a_run_directory(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps({}))
+    result = runner.invoke(app, ["run", "--out", str(tmp_path / "old")])
+    assert result.exit_code == 2
+    assert "--resume" in result.output
