@@ -119,6 +119,8 @@ class Exchange:
     reply_roles: dict[str, str] = field(default_factory=dict)
     """Role of each replied key in the client's model when it replied (personal state loaded)."""
     metrics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    """The instruction's config, without the (long) run configuration."""
     received_arrays: dict[str, np.ndarray] | None = None
     replied_arrays: dict[str, np.ndarray] | None = None
     model_after: dict[str, str] | None = None
@@ -172,6 +174,7 @@ class Spy:
             replied=digests(replied) if replied is not None else None,
             reply_roles={k: str(roles[k]) for k in replied or {} if k in roles},
             metrics=dict(reply.content["metrics"]),
+            config={k: v for k, v in config.items() if k != "run-config"},
             received_arrays=received if method in keep else None,
             replied_arrays=replied if method in keep else None,
         )
@@ -188,3 +191,10 @@ class Spy:
             and (server_round is None or e.server_round == server_round)
         ]
         return sorted(found, key=lambda e: e.partition)
+
+
+def weighted_mean(exchanges: list[Exchange], key: str) -> np.ndarray:
+    """FedAvg by hand: the num-examples-weighted mean (float64) of `key` in the replies."""
+    weights = [e.metrics["num-examples"] for e in exchanges]
+    pairs = zip(weights, exchanges, strict=True)
+    return sum(w * e.replied_arrays[key].astype(np.float64) for w, e in pairs) / sum(weights)

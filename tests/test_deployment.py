@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,11 +26,11 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
     load_ssh_public_key,
 )
+from federated_support import tiny_config, write_small_dolly
 from safetensors.torch import load_file
 
-from flexmoe.data import load_instructions
 from flexmoe.federated import task
-from flexmoe.federated.config import DataConfig, EvalConfig, RunConfig, TrainConfig
+from flexmoe.federated.config import RunConfig
 from flexmoe.federated.deployment import (
     DeploymentError,
     LocalDeployment,
@@ -41,9 +40,9 @@ from flexmoe.federated.deployment import (
     write_tls_certificates,
 )
 from flexmoe.federated.export_data import ExportError, client_dir_name, export_client_data
+from flexmoe.federated.export_data import main as export_main
 from flexmoe.federated.messages import load_run_config
 from flexmoe.federated.run import run_methods
-from flexmoe.flex import FlexConfig
 
 APP_DIR = Path(__file__).resolve().parents[1] / "deploy" / "flexmoe-app"
 CATEGORIES = ("closed_qa", "classification")
@@ -51,31 +50,15 @@ RUN_NAME = "run"
 """Both runtimes write to a directory of this name: it names the run in every message."""
 
 
-def write_small_source(path: Path, per_category: int = 12) -> Path:
-    """The shortest Dolly records of two categories (fast to encode in every ClientApp process)."""
-    records = load_instructions("dolly", categories=CATEGORIES)
-    chosen = []
-    for category in CATEGORIES:
-        mine = [r for r in records if r.category == category]
-        mine.sort(key=lambda r: (len(r.instruction + r.context + r.response), r.id))
-        chosen += mine[:per_category]
-    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in chosen), encoding="utf-8")
-    return path
-
-
-def tiny_flex_config(model_dir: Path, source: Path) -> RunConfig:
-    return RunConfig(
-        model=str(model_dir),
-        methods=("flex",),
+def tiny_flex_config(model_dir: Path, data_file: Path) -> RunConfig:
+    """One FLEx round, two clients (a pathological split over two Dolly categories)."""
+    return tiny_config(
+        model_dir,
+        data_file,
+        ["flex"],
         seed=3,
-        data=DataConfig(
-            source=str(source), partition="pathological", categories=CATEGORIES, test_per_client=2
-        ),
-        train=TrainConfig(
-            rounds=1, local_steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, max_length=96
-        ),
-        eval=EvalConfig(samples=2, max_new_tokens=4, batch_size=2),
-        flex=FlexConfig(calibration_samples=8, calibration_max_length=96),
+        train={"rounds": 1},
+        data={"partition": "pathological", "categories": list(CATEGORIES), "test_per_client": 2},
     )
 
 
@@ -83,7 +66,7 @@ def tiny_flex_config(model_dir: Path, source: Path) -> RunConfig:
 
 
 def test_exported_data_dirs_give_each_client_exactly_its_embedded_records(tmp_path):
-    source = write_small_source(tmp_path / "small.jsonl")
+    source = write_small_dolly(tmp_path / "small.jsonl")
     # Awkward text must survive the JSONL round trip: line separators, quotes, a FedIT client id.
     lines = source.read_text(encoding="utf-8").splitlines()
     first = json.loads(lines[0])
@@ -105,12 +88,27 @@ def test_exported_data_dirs_give_each_client_exactly_its_embedded_records(tmp_pa
     assert load_run_config(str(tmp_path / "nodes" / "config.resolved.json")) == cfg
 
 
-def test_export_refuses_to_mix_partitions_and_names_unsafe_dirs_by_id(tmp_path):
-    cfg = tiny_flex_config(tmp_path, write_small_source(tmp_path / "small.jsonl"))
-    export_client_data(cfg, tmp_path / "nodes")
-    with pytest.raises(ExportError, match="already holds client data"):
-        export_client_data(replace(cfg, seed=4), tmp_path / "nodes")
+def test_export_command_prints_node_configs_and_refuses_a_used_directory(tmp_path, capsys):
+    cfg = tiny_flex_config(tmp_path, write_small_dolly(tmp_path / "small.jsonl"))
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    nodes = tmp_path / "nodes"
 
+    export_main([str(config_file), str(nodes)])
+
+    assert capsys.readouterr().out.splitlines() == [
+        f'partition-id={i} num-partitions=2 data-dir="{nodes / name}"'
+        for i, name in enumerate(CATEGORIES)
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(config_file), str(nodes)])
+    assert exit_info.value.code == 2
+    assert "not empty" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="not empty"):
+        export_client_data(cfg, nodes)
+
+
+def test_clients_with_unsafe_names_get_directories_named_by_id():
     assert client_dir_name(3, "closed_qa") == "closed_qa"
     assert client_dir_name(3, "../etc") == "client-3"
     assert client_dir_name(3, "a b") == "client-3"
@@ -124,7 +122,7 @@ def test_export_refuses_to_mix_partitions_and_names_unsafe_dirs_by_id(tmp_path):
 def deployed(tmp_path_factory, tiny_lm_dir):
     """One TLS + auth deployment (2 SuperNodes) that ran FLEx; the same config run embedded."""
     root = tmp_path_factory.mktemp("deployment")
-    cfg = tiny_flex_config(tiny_lm_dir, write_small_source(root / "small.jsonl"))
+    cfg = tiny_flex_config(tiny_lm_dir, write_small_dolly(root / "small.jsonl"))
     run_methods(cfg, root / "embedded" / RUN_NAME)
 
     data_dirs = export_client_data(cfg, root / "nodes")

@@ -6,7 +6,14 @@ import math
 
 import numpy as np
 import pytest
-from federated_support import ALL_METHODS, Spy, digests, tiny_config, write_small_dolly
+from federated_support import (
+    ALL_METHODS,
+    Spy,
+    digests,
+    tiny_config,
+    weighted_mean,
+    write_small_dolly,
+)
 from safetensors.numpy import load_file
 
 from flexmoe.federated.run import RESULTS_SCHEMA, prepare_run_dir, run_methods
@@ -191,6 +198,33 @@ def test_flex_changes_only_shared_and_personal_tensors(run, method):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "strategy", "r", "gate"),
+    [
+        ("flex", "reconstruction", 1, "sigmoid"),
+        ("flex-nogate", "reconstruction", 1, "none"),
+        ("flex-random-expert", "random", 1, "sigmoid"),
+        ("flex-r2", "reconstruction", 2, "sigmoid"),
+    ],
+)
+def test_flex_variants_graft_what_they_say(run, method, strategy, r, gate):
+    selections = []
+    for client in range(CLIENTS):
+        path = client_state(run, method, client) / "personal" / "personal_state.json"
+        saved = json.loads(path.read_text())
+        assert (saved["flex"]["strategy"], saved["flex"]["r"], saved["flex"]["gate"]) == (
+            strategy,
+            r,
+            gate,
+        )
+        layers = saved["selections"].values()
+        assert all(len(layer["selected"]) == r for layer in layers)
+        selections.append([layer["selected"] for layer in layers])
+    if strategy == "random":  # each client draws its own experts
+        assert len({json.dumps(s) for s in selections}) > 1
+
+
+@pytest.mark.slow
 def test_flex_messages_carry_no_expert_router_or_personal_tensor(run):
     """The privacy property on the actual train replies, with roles taken on the grafted model."""
     for method in SHARED_ONLY:
@@ -224,6 +258,9 @@ def test_baselines_aggregate_every_parameter(run, method):
     assert {str(Role.ROUTED_EXPERT), str(Role.ROUTER), str(Role.ATTENTION)} <= changed
     comm = run["summary"]["methods"][method]["comm"]
     assert comm["ratio_to_full_model"] > 0.99
+    # FedProx's mu travels to the clients (which add the proximal term); nobody else's does
+    mus = {e.config.get("proximal-mu") for e in spy.select(method, "train")}
+    assert mus == ({0.01} if method == "fedprox" else {None})
 
 
 @pytest.mark.slow
@@ -255,13 +292,9 @@ def test_fedavg_is_the_sample_weighted_mean_of_the_replies(run):
     spy = run["spy"]
     for server_round in (1, 2):
         replies = spy.select("fedavg", "train", server_round)
-        weights = np.array([e.metrics["num-examples"] for e in replies], dtype=np.float64)
+        weights = [e.metrics["num-examples"] for e in replies]
         assert len(set(weights)) > 1  # unequal weights, so weighting errors show
-        by_hand = {
-            key: sum(w * e.replied_arrays[key].astype(np.float64) for w, e in zip(weights, replies))
-            / weights.sum()
-            for key in replies[0].replied_arrays
-        }
+        by_hand = {key: weighted_mean(replies, key) for key in replies[0].replied_arrays}
         unweighted = {k: np.mean([e.replied_arrays[k] for e in replies], axis=0) for k in by_hand}
         if server_round == 1:
             aggregated = spy.select("fedavg", "train", 2)[0].received_arrays

@@ -22,9 +22,7 @@ def without_timings(value):
     """`value` with every wall-clock entry (keys `seconds`, `train_seconds`) removed."""
     if isinstance(value, dict):
         return {
-            k: without_timings(v)
-            for k, v in value.items()
-            if k not in ("seconds", "train_seconds")
+            k: without_timings(v) for k, v in value.items() if k not in ("seconds", "train_seconds")
         }
     if isinstance(value, list):
         return [without_timings(v) for v in value]
@@ -86,7 +84,6 @@ def runs(request, tiny_lm_dir, tmp_path_factory):
     return method, whole, resumed, stopped
 
 
-@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(runs):
     method, whole, resumed, stopped = runs
     assert stopped["meta"]["round"] == 1
@@ -127,7 +124,6 @@ def test_resumed_run_equals_uninterrupted_run(runs):
             assert all(np.array_equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.slow
 def test_same_seed_same_results_and_another_seed_differs(tiny_lm_dir, tmp_path):
     data = write_small_dolly(tmp_path / "dolly.jsonl")
     outcomes = []

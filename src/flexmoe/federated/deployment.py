@@ -6,8 +6,8 @@ process per message. `LocalDeployment` starts the same executables with the same
 docs/DEPLOYMENT.md, all bound to 127.0.0.1, submits runs with `flwr run`, waits for them and tears
 every process group down, also on failure.
 
-    with LocalDeployment("tests/deploy_app", num_supernodes=2) as deployment:
-        completed = deployment.run({"out-dir": "/tmp/out"})
+    with LocalDeployment("deploy/flexmoe-app", num_supernodes=2, node_configs=nodes) as deployment:
+        completed = deployment.run({"config": "cfg.json", "method": "flex", "run-dir": "/tmp/run"})
 
 Each component gets its own FLWR_HOME (as on separate machines); logs and keys stay in `work_dir`,
 which is kept when anything fails so the logs can be read.

@@ -9,7 +9,8 @@ client, so a deployed run trains on the same data as `flexmoe run`.
 
 writes `nodes/<client name>/train.jsonl`, `.../test.jsonl`, `nodes/partition.json` (which
 directory belongs to which `partition-id`) and `nodes/config.resolved.json` (the config to pass
-to `flwr run` as `config`, so the server uses the same partition).
+to `flwr run` as `config`, so the server uses the same partition), and prints each SuperNode's
+`--node-config` (add its `state-dir`).
 """
 
 from __future__ import annotations
@@ -45,21 +46,17 @@ def client_dir_name(client_id: int, name: str) -> str:
 def export_client_data(cfg: RunConfig, out_dir: str | Path) -> list[Path]:
     """Write every client's train/test split of `cfg`'s partition; return the dirs by partition id.
 
-    Refuses to overwrite client data already in `out_dir` (a different split under the same
-    names would silently mix two partitions).
+    `out_dir` must be new or empty: client data of another partition next to this one would be
+    easy to hand to the wrong SuperNode.
     """
     out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} is not empty: export client data into a new or empty directory")
     partition = task.partition_for(cfg)
     names = [client_dir_name(c.client_id, c.name) for c in partition.clients]
     if len(set(names)) != len(names):
         names = [f"client-{c.client_id}" for c in partition.clients]
     dirs = [out / name for name in names]
-    existing = [d for d in dirs if (d / "train.jsonl").exists() or (d / "test.jsonl").exists()]
-    if existing:
-        raise ExportError(
-            f"{existing[0]} already holds client data: export into an empty directory, or delete "
-            f"the {len(existing)} existing client director{'y' if len(existing) == 1 else 'ies'}"
-        )
     for client, path in zip(partition.clients, dirs, strict=True):
         path.mkdir(parents=True, exist_ok=True)
         _write_jsonl(path / "train.jsonl", client.train)
@@ -95,7 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ExportError, ValueError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     for partition_id, path in enumerate(dirs):
-        output.print(f"partition-id={partition_id} data-dir={path.resolve()}", soft_wrap=True)
+        node_config = (
+            f'partition-id={partition_id} num-partitions={len(dirs)} data-dir="{path.resolve()}"'
+        )
+        output.print(node_config, soft_wrap=True, markup=False, highlight=False)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,0 @@
-"""Stand-in Flower App for testing flexmoe's deployment machinery."""
