@@ -92,5 +92,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         max_new_tokens=cfg.eval.max_new_tokens,
         batch_size=cfg.eval.batch_size,
         max_length=cfg.train.max_length,
+        seed=cfg.seed,
     )
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -36,6 +36,11 @@ def draw_batches(
     pad_token_id: int,
 ) -> list[dict[str, torch.Tensor]]:
     """`steps` batches sampled without replacement within an epoch (reshuffled per pass)."""
+    if not examples:
+        raise ValueError(
+            "this client has no training examples (all were skipped, e.g. as longer than "
+            "train.max_length): raise train.max_length or check the client's data"
+        )
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     while len(order) < steps * batch_size:

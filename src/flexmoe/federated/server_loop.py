@@ -10,6 +10,7 @@ checkpoint after every round so `flexmoe run --resume` continues exactly where a
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -84,6 +85,9 @@ def check_update(reply: Message, expected: dict[str, tuple[int, ...]]) -> str | 
     content = reply.content
     if METRICS not in content or "num-examples" not in content[METRICS]:
         return "reply has no metrics/num-examples"
+    weight = content[METRICS]["num-examples"]
+    if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
+        return f"num-examples is {weight!r}, not a positive number (its aggregation weight)"
     if not expected:
         return None
     if ARRAYS not in content:

@@ -273,30 +273,39 @@ def client_store(
     return ClientStateStore(Path(state_dir) / run_name / method.name / f"client-{partition_id}")
 
 
+def calibration_batches(mm: MethodModel, examples: list[EncodedExample], seed: int) -> list:
+    """The batches of its own data a FLEx client selects its experts on (batches of 8)."""
+    steps = max(1, -(-mm.flex.calibration_samples // 8))
+    return draw_batches(examples, steps, 8, seed, mm.loaded.tokenizer.pad_token_id)
+
+
 def restore_personal(
     mm: MethodModel,
     store: ClientStateStore,
     restore_round: int,
-    calibration: list | None,
-    client_id: int,
+    data: ClientData,
+    max_length: int,
+    selection_seed: int,
 ) -> dict:
     """Put this client's personal tensors into the shared model; returns the FLEx selection.
 
-    FLEx: the grafts of another client are removed, then this client's are loaded; on its first
-    round the client selects its experts on `calibration` batches of its own data and grafts them
+    FLEx: the grafts of another client are removed, then this client's are loaded. A client
+    with no saved state (its first round, or evaluated without ever being sampled) selects its
+    experts on calibration batches of its own data drawn with `selection_seed`, and grafts them
     (the "random" ablation draws with a seed of its own per client, so clients differ).
     `local`: the client's own full model (the base model in its first round).
     """
-    previous = store.latest(10**6)
+    previous = store.latest(restore_round)
     model = mm.model
     if mm.method.graft:
         remove_graft(model)
         if previous is not None:
             handle = load_personal_state(model, previous / "personal")
         else:
-            if calibration is None:
-                raise RuntimeError("a FLEx client must train once before it can be evaluated")
-            flex = replace(mm.flex, seed=round_seed(mm.flex.seed, 0, client_id))
+            calibration = calibration_batches(
+                mm, encoded_train(mm, data, max_length), selection_seed
+            )
+            flex = replace(mm.flex, seed=round_seed(mm.flex.seed, 0, data.client_id))
             handle = graft(model, select_experts(model, calibration, flex), flex)
         return {i: s.selected for i, s in handle.selections.items()}
     if mm.base_trainable is not None:
@@ -326,14 +335,7 @@ def train_client(
     if shared_in:
         load_shared(mm, shared_in)
     client_seed = round_seed(seed, job.server_round, data.client_id)
-    calibration = draw_batches(
-        examples,
-        max(1, -(-mm.flex.calibration_samples // 8)),
-        8,
-        client_seed,
-        tokenizer.pad_token_id,
-    )
-    restore_personal(mm, store, job.restore_round, calibration, data.client_id)
+    restore_personal(mm, store, job.restore_round, data, max_length, client_seed)
     if mm.method.trains == "all":
         trainable = {n for n, _ in model.named_parameters()}
         for param in model.parameters():
@@ -398,11 +400,16 @@ def evaluate_client(
     max_new_tokens: int,
     batch_size: int,
     max_length: int,
+    seed: int,
 ) -> dict[str, float]:
-    """ROUGE of this client's model (global shared + its personal state) on its own test split."""
+    """ROUGE of this client's model (global shared + its personal state) on its own test split.
+
+    Predictions are written next to the client's state (they never leave the client).
+    """
     if shared_in:
         load_shared(mm, shared_in)
-    restore_personal(mm, store, restore_round, None, data.client_id)
+    selection_seed = round_seed(seed, restore_round + 1, data.client_id)
+    restore_personal(mm, store, restore_round, data, max_length, selection_seed)
     records = data.test[:samples]
     predictions = generate_responses(
         mm.model,
@@ -413,6 +420,7 @@ def evaluate_client(
         batch_size=batch_size,
     )
     scores = rouge_f1(predictions, [r.response for r in records])
+    store.root.mkdir(parents=True, exist_ok=True)  # a client never sampled has no state yet
     with open(store.root / "predictions.jsonl", "w", encoding="utf-8") as f:
         for record, prediction in zip(records, predictions, strict=True):
             f.write(

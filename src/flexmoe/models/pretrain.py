@@ -96,6 +96,7 @@ class PretrainConfig:
     top_k: int = 2
     moe_intermediate_size: int = 256
     shared_expert_intermediate_size: int = 512
+    norm_topk_prob: bool = False
     tie_word_embeddings: bool = True
     router_aux_loss_coef: float = 0.01
     experts_implementation: str = "grouped_mm"
@@ -311,6 +312,7 @@ def qwen2_moe_config(
         num_key_value_heads=cfg.num_kv_heads,
         num_experts=cfg.num_experts,
         num_experts_per_tok=cfg.top_k,
+        norm_topk_prob=cfg.norm_topk_prob,
         moe_intermediate_size=cfg.moe_intermediate_size,
         shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
         intermediate_size=cfg.shared_expert_intermediate_size,
