@@ -16,6 +16,10 @@ from flexmoe.federated import scaffold, task
 from flexmoe.federated.config import RunConfig
 from flexmoe.federated.messages import decode_run_config
 from flexmoe.federated.methods import METHODS
+from flexmoe.runtime import configure_threads
+
+if os.environ.get("FLEXMOE_THREADS"):  # Flower starts this app in its own process
+    configure_threads()
 
 app = ClientApp()
 
@@ -94,4 +98,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         max_length=cfg.train.max_length,
         seed=cfg.seed,
     )
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    info = ConfigRecord({"name": data.name})
+    return Message(RecordDict({"metrics": MetricRecord(metrics), "info": info}), reply_to=msg)

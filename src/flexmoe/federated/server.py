@@ -106,15 +106,12 @@ def serve_method(
         return None
     train_seconds = time.perf_counter() - started
     clients = evaluate_clients(metered, partitions, final, common, t.rounds)
-    names = {c.client_id: c.name for c in task.partition_for(cfg).clients}
     comm = ledger.summary(full_model_bytes=full_bytes)
     result = {
         "method": method.name,
+        "run_name": run_name,
         "description": method.description,
-        "clients": {
-            str(pid): {"name": names.get(pid, f"client-{pid}"), **metrics}
-            for pid, metrics in clients.items()
-        },
+        "clients": {str(pid): metrics for pid, metrics in clients.items()},
         "train_seconds": train_seconds,
         "shared_parameters": int(sum(v.size for v in initial.values())),
         "comm": comm,
@@ -132,7 +129,10 @@ def evaluate_clients(
     common: dict,
     rounds: int,
 ) -> dict[int, dict]:
-    """Every client evaluates the final model (global shared + its own personal state)."""
+    """Every client evaluates the final model (global shared + its own personal state).
+
+    Each reply names the client's data (its category or domain), so the server needs no copy of it.
+    """
     content = {
         "config": ConfigRecord({**common, "server-round": rounds + 1, "restore-round": rounds})
     }
@@ -150,7 +150,8 @@ def evaluate_clients(
         pid = by_node[reply.metadata.src_node_id]
         if reply.has_error():
             console.log(f"[red]client {pid} failed to evaluate: {reply.error.reason}")
-            results[pid] = {"error": reply.error.reason}
+            results[pid] = {"name": f"client-{pid}", "error": reply.error.reason}
         else:
-            results[pid] = dict(reply.content["metrics"])
+            name = str(reply.content["info"]["name"])
+            results[pid] = {"name": name, **dict(reply.content["metrics"])}
     return dict(sorted(results.items()))

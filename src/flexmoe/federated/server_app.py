@@ -7,22 +7,31 @@ Run configuration keys (`[tool.flwr.app.config]` in pyproject.toml for `flwr run
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from flexmoe.config import ConfigError
 from flexmoe.federated.messages import load_run_config
-from flexmoe.federated.methods import METHODS
+from flexmoe.federated.methods import resolve_methods
 from flexmoe.federated.server import serve_method
+from flexmoe.runtime import configure_threads
+
+if os.environ.get("FLEXMOE_THREADS"):  # Flower starts this app in its own process
+    configure_threads()
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    for key in ("config", "run-dir", "method"):
+        if not str(context.run_config.get(key, "")):
+            raise ConfigError(f'run config key {key!r} is empty: pass --run-config "{key}=..."')
     cfg = load_run_config(str(context.run_config["config"]))
-    method = METHODS[str(context.run_config["method"])]
+    method = resolve_methods([str(context.run_config["method"])])[0]
     run_dir = Path(str(context.run_config["run-dir"]))
     stop_after = int(context.run_config.get("stop-after", 0)) or None
     serve_method(grid, cfg, method, run_dir / method.name, run_dir.name, stop_after=stop_after)
