@@ -75,3 +75,11 @@ def test_run_refuses_to_overwrite_a_run_directory(tmp_path):
     result = runner.invoke(app, ["run", "--out", str(tmp_path / "old")])
     assert result.exit_code == 2
     assert "--resume" in result.output
+
+
+def test_set_values_parse_as_numbers_booleans_and_lists():
+    from flexmoe.config import parse_value
+
+    assert parse_value("1e-3") == 0.001  # YAML 1.1 alone would keep the string
+    assert parse_value("4") == 4 and parse_value("true") is True
+    assert parse_value("[a, b]") == ["a", "b"] and parse_value("flex") == "flex"

@@ -6,6 +6,7 @@ Commands only parse options and print; the work lives in the library modules the
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -136,7 +137,7 @@ def results_table(results: dict) -> Table:
         table.add_column(client["name"], justify="right")
     table.add_column("average", justify="right", style="bold")
     table.add_column("comm total", justify="right")
-    table.add_column("bytes vs MoE+FedAvg", justify="right")
+    table.add_column("bytes / full-model round", justify="right")
     best = max((m["average"].get("rougeL", -1) for m in methods.values()), default=None)
     for name, m in methods.items():
         avg = m["average"].get("rougeL")
@@ -190,6 +191,14 @@ def run(
     seed: Annotated[
         int | None, typer.Option(help="Seed of partition, sampling and training.")
     ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="Several seeds, e.g. 1,2,3: one run per seed (OUT/seed-<s>), then "
+            "OUT/summary.json with mean ± std and FLEx-vs-baseline tests. Run it again with the "
+            "same --out to continue."
+        ),
+    ] = None,
     preset: Annotated[
         str | None, typer.Option(help="tiny (default for the built-in model) or paper.")
     ] = None,
@@ -201,8 +210,6 @@ def run(
     set_: SetOpt = None,
 ) -> None:
     """Federated fine-tuning: FLEx against baselines, ending with a per-client results table."""
-    import time
-
     from flexmoe.federated.run import RunDirError, prepare_run_dir, run_methods
 
     flags = {
@@ -213,6 +220,14 @@ def run(
         "data": {"source": data, "partition": partition, "clients": clients},
         "eval": {"samples": eval_samples, "max_new_tokens": max_new_tokens},
     }
+    if seeds is not None:
+        if seed is not None or resume is not None:
+            raise fail(
+                "--seeds replaces --seed, and continues by itself: run the same command with "
+                "the same --out again instead of --resume"
+            )
+        run_several_seeds(parse_seeds(seeds), resolve_run_config(config, flags, set_, preset), out)
+        return
     try:
         if resume is not None:
             run_dir = resume
@@ -225,8 +240,29 @@ def run(
         results = run_methods(cfg, run_dir)
     except (config_io.ConfigError, RunDirError, ValueError) as err:
         raise fail(str(err)) from None
+    extra = [m for m in cfg.eval.metrics if m != "rouge"]
+    if extra:
+        from flexmoe.evaluation.run_eval import evaluate_run
+
+        evaluate_run(run_dir, extra)
     output.print(results_table(results))
     output.print(f"results: {run_dir / 'results.json'}")
+
+
+def run_several_seeds(seeds: list[int], cfg, out: Path | None) -> None:
+    """`flexmoe run --seeds`: one run per seed under OUT, then the summary over seeds."""
+    from flexmoe.evaluation.seeds import run_seeds
+    from flexmoe.reports.tables import table1
+    from flexmoe.reports.terminal import rich_table
+
+    out = out or Path("runs") / time.strftime("seeds-%Y%m%d-%H%M%S")
+    console.log(f"runs of seeds {', '.join(map(str, seeds))} under {out}")
+    try:
+        summary = run_seeds(cfg, seeds, out)
+    except (config_io.ConfigError, ValueError) as err:
+        raise fail(str(err)) from None
+    output.print(rich_table(table1(summary), title=f"ROUGE-L per task over seeds {seeds}"))
+    output.print(f"summary: {out / 'summary.json'}; next: flexmoe evaluate {out}")
 
 
 @app.command()
@@ -454,3 +490,91 @@ def export(
         f"exported client {client} of {method} to {path} "
         "(load it with flexmoe.evaluation.export.load_exported)"
     )
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 1,2,3` to [1, 2, 3]."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise fail(
+            f"--seeds {text!r} is not a comma-separated list of integers (e.g. 1,2,3)"
+        ) from None
+    if not seeds:
+        raise fail("--seeds needs at least one seed (e.g. --seeds 1,2,3)")
+    return seeds
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory, or a directory of seed runs (`flexmoe run --seeds`)."
+        ),
+    ],
+    metrics: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: rouge (recomputed only where missing), mmlu, ppl, routing, cost."
+        ),
+    ] = "rouge,mmlu,ppl,routing,cost",
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated methods (default: every finished one).")
+    ] = None,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Knowledge retention (MMLU, held-out perplexity), routing drift and the graft's inference
+    cost of every client's model, added to the run's results.json (settings: --set
+    mmlu_per_subject=4, ppl_max_tokens=16384, ...; see flexmoe.evaluation.run_eval.EvalSettings)."""
+    from flexmoe.evaluation.run_eval import EvalSettings, evaluate_run
+    from flexmoe.evaluation.seeds import aggregate_runs, find_run_dirs, write_summary
+    from flexmoe.reports.tables import table1
+    from flexmoe.reports.terminal import rich_table
+
+    try:
+        settings = config_io.load(EvalSettings, config, set_)
+        run_dirs = find_run_dirs(run_dir)
+        for directory in run_dirs:
+            console.rule(f"evaluating {directory}")
+            evaluate_run(
+                directory,
+                metrics.split(","),
+                settings,
+                methods=methods.split(",") if methods else None,
+                state_dir=state_dir,
+            )
+        summary = aggregate_runs(run_dirs)
+        if run_dirs != [run_dir]:  # a directory of seed runs: refresh its summary
+            output.print(f"summary: {write_summary(run_dir, summary)}")
+    except (config_io.ConfigError, ValueError) as err:
+        raise fail(str(err)) from None
+    output.print(rich_table(table1(summary), title="ROUGE-L per task, MMLU and perplexity"))
+    output.print(f"next: flexmoe report {run_dir}")
+
+
+@app.command()
+def report(
+    source: Annotated[
+        Path,
+        typer.Argument(help="A run directory, a directory of seed runs, or a summary.json."),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output directory (default: report/ inside SOURCE, or beside a summary)."
+        ),
+    ] = None,
+) -> None:
+    """Write report.md (+ figures/) and a self-contained report.html: Table 1, FLEx vs each
+    baseline, communication, training loss, routing, inference cost, configuration and hashes."""
+    from flexmoe.reports import build_report
+
+    target = out or (source.parent if source.is_file() else source) / "report"
+    try:
+        md_path, html_path = build_report(source, target)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    output.print(f"report: {md_path}\n        {html_path}")

@@ -45,11 +45,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
-    """Parse an override value the way YAML would (numbers, booleans, lists), else keep the string."""
+    """Parse an override value the way YAML would (numbers, booleans, lists), else keep the string.
+
+    YAML 1.1 reads `1e-3` (no dot) as a string; such numbers are floats here.
+    """
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

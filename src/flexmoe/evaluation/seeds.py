@@ -160,6 +160,16 @@ def aggregate_runs(run_dirs: Sequence[str | Path], reference: str = REFERENCE_ME
                 f"seed {run['seed']} names its clients differently ({names}); clients are "
                 "matched by id across seeds"
             )
+    settings = [run["results"].get("evaluation", {}).get("settings", {}) for run in runs]
+    for run, evaluated in zip(runs[1:], settings[1:], strict=True):
+        differing = sorted(
+            m for m in evaluated.keys() & settings[0].keys() if evaluated[m] != settings[0][m]
+        )
+        if differing:
+            notes.append(
+                f"seed {run['seed']} was evaluated with other settings for {', '.join(differing)} "
+                f"than seed {runs[0]['seed']}: re-run `flexmoe evaluate` on all seeds alike"
+            )
     per_seed = {run["seed"]: extract_metrics(run["results"], run["rounds"]) for run in runs}
     for method in methods:
         missing = [s for s, m in per_seed.items() if method not in m["methods"]]
@@ -193,7 +203,7 @@ def aggregate_runs(run_dirs: Sequence[str | Path], reference: str = REFERENCE_ME
             for m in methods
         },
         "clients": clients,
-        "evaluation": runs[0]["results"].get("evaluation", {}).get("settings", {}),
+        "evaluation": settings[0],
         "metrics": {
             method: _over_seeds({s: m["methods"].get(method, {}) for s, m in per_seed.items()})
             for method in methods

@@ -23,9 +23,15 @@ MAX_HEATMAP_LAYERS = 4
 """Routing heatmaps show at most this many MoE layers (first, last and evenly between)."""
 
 
-def method_colors(methods: list[str]) -> dict[str, tuple]:
-    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
-    return {method: palette(i % palette.N) for i, method in enumerate(methods)}
+LINE_STYLES = ("-", "--", "-.", ":")
+"""Methods' lines differ in style too, so identical curves (e.g. two baselines shipping the
+same bytes) stay visible on top of each other."""
+
+
+def colors_for(names: list[str]) -> dict[str, tuple]:
+    """A distinct colour per name, by position (methods keep theirs across figures)."""
+    palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: palette(i % palette.N) for i, name in enumerate(names)}
 
 
 def training_loss(
@@ -39,7 +45,7 @@ def training_loss(
     rows = math.ceil(len(logged) / columns)
     fig = Figure(figsize=(4.2 * columns, 3.2 * rows + 0.9), dpi=DPI, layout="constrained")
     axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
-    client_colors = method_colors(list(clients))
+    client_colors = colors_for(list(clients))
     for ax, method in zip(axes, logged, strict=False):
         losses: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for run in runs:
@@ -73,10 +79,12 @@ def training_loss(
         ax.grid(alpha=0.3)
     for ax in axes[len(logged) :]:
         ax.set_visible(False)
-    for ax in axes[::columns]:
-        ax.set_ylabel("training loss")
-    for ax in axes[(rows - 1) * columns :]:
-        ax.set_xlabel("round")
+    for position, ax in enumerate(axes[: len(logged)]):
+        if position % columns == 0:
+            ax.set_ylabel("training loss")
+        if position + columns >= len(logged):  # no panel below: label this one's x axis
+            ax.set_xlabel("round")
+            ax.tick_params(labelbottom=True)
         ax.xaxis.get_major_locator().set_params(integer=True)
     spread = f"mean over {len(runs)} seeds, band ± std" if len(runs) > 1 else f"seed {runs[0].seed}"
     fig.suptitle(f"Training loss per client and round ({spread})")
@@ -101,7 +109,7 @@ def rouge_bars(summary: dict, path: Path) -> Path | None:
     return _grouped_bars(
         groups,
         values,
-        method_colors(methods),
+        colors_for(methods),
         title=f"ROUGE-L by client task and method ({_seeds_text(summary)})",
         ylabel="ROUGE-L F1 (%)",
         path=path,
@@ -120,7 +128,7 @@ def drift_bars(summary: dict, path: Path) -> Path | None:
     return _grouped_bars(
         list(clients.values()),
         values,
-        method_colors(methods),
+        colors_for(methods),
         title=f"Routing drift after the final round ({_seeds_text(summary)})",
         ylabel="JS divergence from base (bits)",
         path=path,
@@ -129,7 +137,7 @@ def drift_bars(summary: dict, path: Path) -> Path | None:
 
 def cumulative_bytes(run: RunData, methods: list[str], path: Path) -> Path | None:
     """Cumulative bytes on the wire per method and round (log scale), from one run."""
-    colors = method_colors(methods)
+    colors = colors_for(methods)
     fig = Figure(figsize=(7.5, 4.4), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     plotted, last = 0, 0
@@ -149,6 +157,7 @@ def cumulative_bytes(run: RunData, methods: list[str], path: Path) -> Path | Non
             ms=3,
             label=label,
             color=colors[method],
+            linestyle=LINE_STYLES[methods.index(method) % len(LINE_STYLES)],
         )
         plotted += 1
     if not plotted:

@@ -125,7 +125,7 @@ def comparison_table(summary: dict) -> Table:
         "metric",
         "against",
         "pairs",
-        f"mean difference ({reference} − it)",
+        f"mean difference ± std ({reference} − it)",
         "permutation p",
         "Wilcoxon p",
         "note",
