@@ -58,7 +58,13 @@ def spec_for(model: str, out: Path, methods: list[str], partition: dict, rounds:
         "out": str(out),
         "methods": methods,
         "data": {"test_per_client": 10, **partition},
-        "train": {"rounds": rounds, "local_steps": 5, "batch_size": 8, "lr": 1e-3, "max_length": 256},
+        "train": {
+            "rounds": rounds,
+            "local_steps": 5,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "max_length": 256,
+        },
         "eval": {"samples": 2, "max_new_tokens": 8},
         "flex": {"calibration_samples": 16, "calibration_max_length": 256},
     }

@@ -66,7 +66,9 @@ def test_run_config_precedence_preset_file_flags_set(tmp_path):
 
 
 def test_deep_merge_keeps_untouched_keys():
-    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3, "d": None}}) == {"a": {"b": 1, "c": 3}}
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3, "d": None}}) == {
+        "a": {"b": 1, "c": 3}
+    }
 
 
 def test_run_refuses_to_overwrite_a_run_directory(tmp_path):
