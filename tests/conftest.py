@@ -10,6 +10,7 @@ import pytest
 from flexmoe.runtime import configure_threads
 
 configure_threads(int(os.environ.get("FLEXMOE_THREADS", "2")))
+pytest_plugins = ["finished_runs"]  # session fixtures `run_dir`, `lora_run_dir`
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

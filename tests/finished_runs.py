@@ -9,6 +9,8 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+import pytest
+import torch
 from federated_support import tiny_config, write_small_dolly
 
 from flexmoe.federated.run import prepare_run_dir, run_methods
@@ -30,3 +32,19 @@ def finished_run(lm_dir: Path, root: Path, sharing: str, methods: tuple[str, ...
     prepare_run_dir(out, cfg, resume=False)
     run_methods(cfg, out)
     return out
+
+
+METHODS = ("flex", "fedavg", "local")
+INPUT_IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def run_dir(tiny_lm_dir, tmp_path_factory):
+    """Flex, fedavg and local, attention sharing."""
+    return finished_run(tiny_lm_dir, tmp_path_factory.getbasetemp() / "runs", "attention", METHODS)
+
+
+@pytest.fixture(scope="session")
+def lora_run_dir(tiny_lm_dir, tmp_path_factory):
+    """Flex with LoRA sharing."""
+    return finished_run(tiny_lm_dir, tmp_path_factory.getbasetemp() / "runs", "lora", ("flex",))

@@ -5,24 +5,11 @@ import shutil
 
 import pytest
 import torch
-from finished_runs import finished_run
+from finished_runs import INPUT_IDS, METHODS
 
 from flexmoe.evaluation.generation import generate_responses
 from flexmoe.federated.artifacts import RunArtifactError, RunArtifacts, generate_text
 from flexmoe.flex import find_grafts
-
-METHODS = ("flex", "fedavg", "local")
-INPUT_IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_lm_dir, tmp_path_factory):
-    return finished_run(tiny_lm_dir, tmp_path_factory.getbasetemp() / "runs", "attention", METHODS)
-
-
-@pytest.fixture(scope="module")
-def lora_run_dir(tiny_lm_dir, tmp_path_factory):
-    return finished_run(tiny_lm_dir, tmp_path_factory.getbasetemp() / "runs", "lora", ("flex",))
 
 
 def logits(loaded):

@@ -5,26 +5,13 @@ import json
 
 import pytest
 import torch
-from finished_runs import finished_run
+from finished_runs import INPUT_IDS, METHODS
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from flexmoe.evaluation.export import ExportError, export_client_model, load_exported
 from flexmoe.federated.artifacts import RunArtifacts
 from flexmoe.flex import find_grafts
-
-METHODS = ("flex", "fedavg", "local")
-INPUT_IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_lm_dir, tmp_path_factory):
-    return finished_run(tiny_lm_dir, tmp_path_factory.getbasetemp() / "runs", "attention", METHODS)
-
-
-@pytest.fixture(scope="module")
-def lora_run_dir(tiny_lm_dir, tmp_path_factory):
-    return finished_run(tiny_lm_dir, tmp_path_factory.getbasetemp() / "runs", "lora", ("flex",))
 
 
 def logits(model):

@@ -188,14 +188,20 @@ def test_interrupted_write_leaves_nothing_that_looks_complete(corpus_sample, tmp
     model = build_model(TINY, tokenizer)
     out = tmp_path / "model"
     save_model_dir(model, tokenizer, {"recipe_hash": "first"}, out)
+    first_weights = load_file(out / "model.safetensors")
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    tokenizer.save_pretrained = killed
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)  # the second build has other weights
+    tokenizer.save_pretrained = killed  # killed after the weights were written
     with pytest.raises(KeyboardInterrupt):
         save_model_dir(model, tokenizer, {"recipe_hash": "second"}, out)
+    # The previous complete build is untouched: same metadata, same weights.
     assert json.loads((out / METADATA_FILE).read_text()) == {"recipe_hash": "first"}
+    kept = load_file(out / "model.safetensors")
+    assert all(torch.equal(first_weights[name], kept[name]) for name in first_weights)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no partial directory left
 
 
