@@ -260,6 +260,8 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert rates[9] == pytest.approx(1e-2) == max(rates)
     assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
     assert rates[-1] == pytest.approx(1e-3, rel=0.01)
+    short = replace(cfg, steps=5, warmup_steps=60)  # warmup capped: still reaches the peak
+    assert [learning_rate(step, short) for step in range(5)][-1] == pytest.approx(1e-2)
 
 
 def test_config_overrides_merge_into_the_mixture_and_bad_values_are_named(tmp_path):
@@ -268,10 +270,8 @@ def test_config_overrides_merge_into_the_mixture_and_bad_values_are_named(tmp_pa
     assert cfg.steps == 10
     with pytest.raises(ConfigError, match="top_k=9 exceeds num_experts=8"):
         replace(PretrainConfig(), num_experts=8, top_k=9).validate()
-    with pytest.raises(ConfigError, match="lr must be float, got 'fast'"):
-        load(PretrainConfig, None, ["lr=fast"]).validate()
-    with pytest.raises(ConfigError, match=r"steps must be int, got 2\.5"):
-        load(PretrainConfig, None, ["steps=2.5"]).validate()
+    with pytest.raises(ConfigError, match="lr must be a number, got 'fast'"):
+        load(PretrainConfig, None, ["lr=fast"])
     with pytest.raises(ConfigError, match="experts_implementation"):
         replace(PretrainConfig(), experts_implementation="fast").validate()
     no_data = [f"mix.{name}=0" for name in ("corpus", *INSTRUCTION_SOURCES)]

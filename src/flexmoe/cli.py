@@ -6,7 +6,9 @@ Commands only parse options and print; the work lives in the library modules the
 from __future__ import annotations
 
 import json
+import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -37,12 +39,21 @@ def main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only print results.")] = False,
     threads: Annotated[
         int | None,
-        typer.Option(help="torch CPU threads (default: $FLEXMOE_THREADS or the number of cores)."),
+        typer.Option(
+            min=1, help="torch CPU threads (default: $FLEXMOE_THREADS or the number of cores)."
+        ),
     ] = None,
 ) -> None:
     set_quiet(quiet)
     configure_threads(threads)
     hf_logging.disable_progress_bar()
+    logging.getLogger("flwr").propagate = False  # Flower logs once, through its own handler
+    warnings.showwarning = show_warning
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (e.g. skipped records) as one readable line, without source context."""
+    console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def fail(message: str) -> typer.Exit:
@@ -211,6 +222,7 @@ def run(
 ) -> None:
     """Federated fine-tuning: FLEx against baselines, ending with a per-client results table."""
     from flexmoe.federated.run import RunDirError, prepare_run_dir, run_methods
+    from flexmoe.federated.server import NoClientTrainedError
 
     flags = {
         "model": model,
@@ -220,33 +232,69 @@ def run(
         "data": {"source": data, "partition": partition, "clients": clients},
         "eval": {"samples": eval_samples, "max_new_tokens": max_new_tokens},
     }
-    if seeds is not None:
-        if seed is not None or resume is not None:
+    if resume is not None:
+        given = [k for k, v in flags.items() if v not in (None, {}) and not isinstance(v, dict)]
+        given += [k for k, v in flags.items() if isinstance(v, dict) and any(v.values())]
+        if given or config or set_ or preset or out or seeds:
             raise fail(
-                "--seeds replaces --seed, and continues by itself: run the same command with "
-                "the same --out again instead of --resume"
+                "--resume continues a run exactly as it was configured: drop the other options "
+                f"(got {', '.join(given) or 'config/--set/--out/--seeds'}), or start a new run"
             )
-        run_several_seeds(parse_seeds(seeds), resolve_run_config(config, flags, set_, preset), out)
-        return
+    if clients is not None and (partition or "pathological") in (
+        "pathological",
+        "domain",
+        "natural",
+    ):
+        raise fail(
+            f"--clients applies to the dirichlet and iid partitions; the {partition or 'pathological'}"
+            " partition has one client per category / domain / FedIT client"
+        )
+    run_dir = resume or out
     try:
+        if seeds is not None:
+            if seed is not None:
+                raise fail("--seeds replaces --seed")
+            cfg = check_run_inputs(resolve_run_config(config, flags, set_, preset))
+            run_several_seeds(parse_seeds(seeds), cfg, out)
+            return
         if resume is not None:
             run_dir = resume
             cfg = prepare_run_dir(run_dir, None, resume=True)
         else:
-            cfg = resolve_run_config(config, flags, set_, preset)
+            cfg = check_run_inputs(resolve_run_config(config, flags, set_, preset))
             run_dir = out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
             prepare_run_dir(run_dir, cfg, resume=False)
         console.log(f"run directory: {run_dir}")
         results = run_methods(cfg, run_dir)
-    except (config_io.ConfigError, RunDirError, ValueError) as err:
-        raise fail(str(err)) from None
-    extra = [m for m in cfg.eval.metrics if m != "rouge"]
-    if extra:
-        from flexmoe.evaluation.run_eval import evaluate_run
+        extra = [m for m in cfg.eval.metrics if m != "rouge"]
+        if extra:
+            from flexmoe.evaluation.run_eval import evaluate_run
 
-        evaluate_run(run_dir, extra)
+            evaluate_run(run_dir, extra)
+    except KeyboardInterrupt:
+        hint = f"; continue with: flexmoe run --resume {run_dir}" if run_dir else ""
+        raise fail(f"interrupted{hint}") from None
+    except (config_io.ConfigError, RunDirError, ValueError, NoClientTrainedError) as err:
+        raise fail(str(err)) from None
     output.print(results_table(results))
     output.print(f"results: {run_dir / 'results.json'}")
+
+
+def check_run_inputs(cfg):
+    """Fail before a run directory exists: local paths made absolute, data partitioned, model
+    architecture checked (on the meta device, no weights read)."""
+    from flexmoe.federated import task
+    from flexmoe.models.loading import check_supported, load_config
+
+    for value, set_value in (
+        (cfg.model, lambda v: setattr(cfg, "model", v)),
+        (cfg.data.source, lambda v: setattr(cfg.data, "source", v)),
+    ):
+        if value != "default" and Path(value).expanduser().exists():
+            set_value(str(Path(value).expanduser().resolve()))
+    check_supported(load_config(task.model_source(cfg)))
+    task.partition_for(cfg)
+    return cfg
 
 
 def run_several_seeds(seeds: list[int], cfg, out: Path | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ class ConfigError(ValueError):
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (.toml) or YAML (.yaml/.yml) file into a dict."""
+    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json, e.g. a run's resolved config) file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -33,11 +34,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = tomllib.loads(text)
         elif path.suffix in {".yaml", ".yml"}:
             data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
         else:
             raise ConfigError(
-                f"unknown config format {path.suffix!r} for {path}: use .toml or .yaml"
+                f"unknown config format {path.suffix!r} for {path}: use .toml, .yaml or .json"
             )
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot parse {path}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a table/mapping of options, not {type(data).__name__}")
@@ -81,24 +84,70 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def build(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
-    """Build dataclass `cls` from `data`, recursing into nested dataclasses; unknown keys are errors."""
+    """Build dataclass `cls` from `data`, recursing into nested dataclasses.
+
+    Unknown keys and values of the wrong type are `ConfigError`s naming the option, so a typo in
+    a file or `--set` fails before any work starts, not deep inside a run.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
             f"unknown option(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
         )
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         nested = _dataclass_type(cls, name)
         if nested is not None and isinstance(value, dict):
             value = build(nested, value, where=f"{where}.{name}")
-        elif (
-            isinstance(value, list) and typing.get_origin(typing.get_type_hints(cls)[name]) is tuple
-        ):
-            value = tuple(value)
+        else:
+            value = _coerce(value, hints[name], f"{where}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` checked against a field's type hint (ints are floats too; a string is a 1-tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} must be one of {hint}, got {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where} must be empty, got {value!r}")
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return tuple(_coerce(item, item_type, where) for item in items)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table of key = value, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
 
 
 def _dataclass_type(cls: type, name: str) -> type | None:
@@ -114,11 +163,3 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] | None = No
     """The one way commands get their options: defaults < config file < `--set` overrides."""
     data = read_config_file(path) if path else {}
     return build(cls, apply_overrides(data, overrides or []))
-
-
-def write_resolved(obj: Any, out_dir: str | Path, name: str = "config.resolved.json") -> Path:
-    """Write the fully resolved configuration into an output directory."""
-    out = Path(out_dir) / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return out

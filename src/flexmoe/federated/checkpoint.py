@@ -8,12 +8,13 @@ versioned by round (see `client_state.py`), and is restored from the checkpoint'
 
 from __future__ import annotations
 
+import copyreg
 import json
 import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -33,6 +34,15 @@ class ServerCheckpoint:
     meta: dict[str, Any]
 
 
+class _Pickler(pickle.Pickler):
+    """Pickles the memoryviews Flower's records may hold (as bytes, which they accept back)."""
+
+    dispatch_table: ClassVar[dict] = {
+        **copyreg.dispatch_table,
+        memoryview: lambda m: (bytes, (m.tobytes(),)),
+    }
+
+
 def save_checkpoint(run_dir: Path, ckpt: ServerCheckpoint) -> Path:
     final = run_dir / "checkpoint"
     tmp = run_dir / "checkpoint.tmp"
@@ -42,8 +52,8 @@ def save_checkpoint(run_dir: Path, ckpt: ServerCheckpoint) -> Path:
         {k: np.ascontiguousarray(v) for k, v in ckpt.arrays.items()}, tmp / "arrays.safetensors"
     )
     with open(tmp / "server_state.pkl", "wb") as f:
-        pickle.dump(
-            {"strategy": ckpt.strategy, "rng_state": ckpt.rng_state, "ledger": ckpt.ledger}, f
+        _Pickler(f).dump(
+            {"strategy": ckpt.strategy, "rng_state": ckpt.rng_state, "ledger": ckpt.ledger}
         )
     (tmp / "meta.json").write_text(json.dumps({"round": ckpt.round, **ckpt.meta}, indent=2))
     old = run_dir / "checkpoint.old"

@@ -235,7 +235,9 @@ class CommLedger:
         }
         if full_model_bytes is not None:
             equivalent = sum(
-                m.num_bytes - m.array_bytes + full_model_bytes if m.array_bytes else m.num_bytes
+                m.num_bytes - m.array_bytes + full_model_bytes
+                if carries_full_model(m)
+                else m.num_bytes
                 for m in self.messages
             )
             measured = summary["totals"]["total_bytes"]
@@ -251,6 +253,16 @@ class CommLedger:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.summary(**summary_options), indent=2) + "\n")
         return path
+
+
+def carries_full_model(m: MessageTraffic) -> bool:
+    """Whether MoE+FedAvg would put the full model in this message: every message that carries
+    arrays, plus the train messages (both ways) and the evaluate requests of methods that send
+    none (`local`), so their equivalent is also a full-model exchange."""
+    if m.array_bytes or m.failed:
+        return bool(m.array_bytes)
+    kind = m.kind.split(".")[0]
+    return kind == "train" or (kind == "evaluate" and m.direction == "sent")
 
 
 def _no_bytes() -> dict[str, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from flexmoe import config as config_io
@@ -23,8 +22,4 @@ def load_run_config(value: str) -> RunConfig:
     """A RunConfig from inline JSON or from a JSON/TOML/YAML file path (deployment run config)."""
     if value.lstrip().startswith("{"):
         return decode_run_config(value)
-    path = Path(value)
-    data = (
-        json.loads(path.read_text()) if path.suffix == ".json" else config_io.read_config_file(path)
-    )
-    return config_io.build(RunConfig, data, where=value)
+    return config_io.build(RunConfig, config_io.read_config_file(value), where=value)

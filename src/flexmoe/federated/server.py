@@ -104,6 +104,7 @@ def serve_method(
     final = loop.run(initial, stop_after=stop_after)
     if stop_after is not None and stop_after < t.rounds:
         return None
+    check_some_client_trained(run_dir / "rounds.jsonl", method.name)
     train_seconds = time.perf_counter() - started
     clients = evaluate_clients(metered, partitions, final, common, t.rounds)
     comm = ledger.summary(full_model_bytes=full_bytes)
@@ -120,6 +121,21 @@ def serve_method(
     if final:
         np.savez(run_dir / "final_shared.npz", **final)
     return result
+
+
+class NoClientTrainedError(RuntimeError):
+    """Every client failed in every round: there is nothing to evaluate or compare."""
+
+
+def check_some_client_trained(rounds_log: Path, method: str) -> None:
+    rounds = [json.loads(line) for line in rounds_log.read_text().splitlines()]
+    if any(r["clients"] for r in rounds):
+        return
+    reasons = [reason for r in rounds for reason in r["excluded"].values()]
+    raise NoClientTrainedError(
+        f"{method}: every client failed in every round; the first failure: "
+        f"{reasons[0] if reasons else 'no client replied'}"
+    )
 
 
 def evaluate_clients(
