@@ -82,14 +82,15 @@ def check_supported(config) -> int:
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase | None:
     """The checkpoint's tokenizer, or None when it has none.
 
-    transformers 5 builds a one-token placeholder tokenizer for a directory without tokenizer
-    files instead of failing; such a tokenizer would silently encode everything as one token.
+    transformers 5 builds a placeholder tokenizer (one or two special tokens) for a directory
+    without tokenizer files instead of failing; it encodes text to nothing, so it is refused.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError):
         return None
-    return tokenizer if len(tokenizer) > 1 else None
+    usable = len(tokenizer) > 2 and len(tokenizer("hello world")["input_ids"]) > 0
+    return tokenizer if usable else None
 
 
 def load_model(
