@@ -221,7 +221,12 @@ def run(
     set_: SetOpt = None,
 ) -> None:
     """Federated fine-tuning: FLEx against baselines, ending with a per-client results table."""
-    from flexmoe.federated.run import RunDirError, prepare_run_dir, run_methods
+    from flexmoe.federated.run import (
+        RunDirError,
+        check_new_run_dir,
+        prepare_run_dir,
+        run_methods,
+    )
     from flexmoe.federated.server import NoClientTrainedError
 
     flags = {
@@ -261,9 +266,10 @@ def run(
             run_dir = resume
             cfg = prepare_run_dir(run_dir, None, resume=True)
         else:
-            cfg = check_run_inputs(resolve_run_config(config, flags, set_, preset))
+            cfg = resolve_run_config(config, flags, set_, preset)
             run_dir = out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
-            prepare_run_dir(run_dir, cfg, resume=False)
+            check_new_run_dir(run_dir)  # before the inputs: checking them may build the base model
+            prepare_run_dir(run_dir, check_run_inputs(cfg), resume=False)
         console.log(f"run directory: {run_dir}")
         results = run_methods(cfg, run_dir)
         extra = [m for m in cfg.eval.metrics if m != "rouge"]

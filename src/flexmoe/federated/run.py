@@ -28,6 +28,15 @@ class RunDirError(ValueError):
     """A run directory that cannot be used as asked (exists, or has nothing to resume)."""
 
 
+def check_new_run_dir(out: Path) -> None:
+    """A new run never writes into a directory that already holds something."""
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(
+            f"run directory {out} already exists and is not empty: pass --resume to continue "
+            "it, or choose another --out"
+        )
+
+
 def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig:
     """Create `out` for a new run (writing its config), or read the config of a run to resume."""
     config_file = out / "config.resolved.json"
@@ -35,11 +44,7 @@ def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig
         if not config_file.is_file():
             raise RunDirError(f"nothing to resume in {out}: it has no config.resolved.json")
         return decode_run_config(config_file.read_text())
-    if out.exists() and any(out.iterdir()):
-        raise RunDirError(
-            f"run directory {out} already exists and is not empty: pass --resume to continue "
-            "it, or choose another --out"
-        )
+    check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     config_file.write_text(cfg.to_json() + "\n")
     return cfg
