@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flexmoe.cli import app, deep_merge, resolve_run_config
+from flexmoe.cli import app, deep_merge, resolve_run_config, results_table
 
 runner = CliRunner()
 COMMANDS = ["run", "pretrain", "data", "select-experts", "inspect", "generate", "export"]
@@ -85,3 +85,33 @@ def test_set_values_parse_as_numbers_booleans_and_lists():
     assert parse_value("1e-3") == 0.001  # YAML 1.1 alone would keep the string
     assert parse_value("4") == 4 and parse_value("true") is True
     assert parse_value("[a, b]") == ["a", "b"] and parse_value("flex") == "flex"
+
+
+def _results(n_clients: int) -> dict:
+    clients = {str(i): {"name": f"task{i}"} for i in range(n_clients)}
+    comm = {"total_bytes": 2_000_000, "ratio_to_full_model": 0.03}
+    scores = {str(i): {"rougeL": 10.0 + i} for i in range(n_clients)}
+    average = {"rougeL": sum(s["rougeL"] for s in scores.values()) / n_clients}
+    method = {"clients": scores, "average": average, "comm": comm}
+    return {"seed": 0, "partition": {"clients": clients}, "methods": {"flex": method}}
+
+
+def _rendered(table) -> str:
+    from rich.console import Console
+
+    console = Console(width=400, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+def test_results_table_has_a_column_per_client_for_a_few_clients():
+    text = _rendered(results_table(_results(4)))
+    assert all(f"task{i}" in text for i in range(4)) and "worst client" not in text
+    assert "13.00" in text and "11.50" in text  # the last client and the average
+
+
+def test_results_table_summarises_many_clients_by_worst_and_best():
+    text = _rendered(results_table(_results(20)))
+    assert "task0" not in text and "worst client" in text and "best client" in text
+    row = next(line for line in text.splitlines() if "flex" in line)
+    assert "10.00" in row and "29.00" in row and "19.50" in row  # min, max, mean of 10..29

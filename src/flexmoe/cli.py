@@ -22,6 +22,7 @@ from flexmoe.runtime import configure_threads, console, output, set_quiet
 app = typer.Typer(
     help="flexmoe: personalized federated fine-tuning of Mixture-of-Experts LLMs (FLEx).",
     no_args_is_help=True,
+    rich_markup_mode="markdown",
     pretty_exceptions_show_locals=False,
 )
 
@@ -138,14 +139,20 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+MAX_CLIENT_COLUMNS = 6
+"""Beyond this many clients the table shows the worst and best client instead of one column each."""
+
+
 def results_table(results: dict) -> Table:
-    """Per method: ROUGE-L per client task, the average, and communication totals."""
+    """Per method: ROUGE-L per client task (or worst/best client), the average, communication."""
     methods = results["methods"]
     clients = results["partition"]["clients"]
+    per_client = len(clients) <= MAX_CLIENT_COLUMNS
     table = Table(title=f"ROUGE-L (%) per client task, seed {results['seed']}")
     table.add_column("method")
-    for client in clients.values():
-        table.add_column(client["name"], justify="right")
+    names = [c["name"] for c in clients.values()] if per_client else ["worst client", "best client"]
+    for name in names:
+        table.add_column(name, justify="right")
     table.add_column("average", justify="right", style="bold")
     table.add_column("comm total", justify="right")
     table.add_column("bytes / full-model round", justify="right")
@@ -153,9 +160,13 @@ def results_table(results: dict) -> Table:
     for name, m in methods.items():
         avg = m["average"].get("rougeL")
         ratio = m["comm"]["ratio_to_full_model"]
+        scores = [m["clients"].get(pid, {}).get("rougeL", float("nan")) for pid in clients]
+        if not per_client:
+            known = [s for s in scores if s == s] or [float("nan")]
+            scores = [min(known), max(known)]
         table.add_row(
             name,
-            *(f"{m['clients'].get(pid, {}).get('rougeL', float('nan')):.2f}" for pid in clients),
+            *(f"{score:.2f}" for score in scores),
             (f"[green]{avg:.2f}" if avg == best else f"{avg:.2f}") if avg is not None else "-",
             human_bytes(m["comm"]["total_bytes"]),
             f"{ratio:.3f}" if ratio is not None else "-",
@@ -205,7 +216,7 @@ def run(
     seeds: Annotated[
         str | None,
         typer.Option(
-            help="Several seeds, e.g. 1,2,3: one run per seed (OUT/seed-<s>), then "
+            help="Several seeds, e.g. 1,2,3: one run per seed (`OUT/seed-S`), then "
             "OUT/summary.json with mean ± std and FLEx-vs-baseline tests. Run it again with the "
             "same --out to continue."
         ),
@@ -213,7 +224,7 @@ def run(
     preset: Annotated[
         str | None, typer.Option(help="tiny (default for the built-in model) or paper.")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<time>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: `runs/TIME`).")] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue an interrupted run from its directory.")
     ] = None,
