@@ -6,10 +6,12 @@ is that run's own) on the same model, side by side in one invocation:
 - overhead: the share of a FLEx round's wall time not spent inside the clients' train functions
   (message serialisation, grid, strategy, checkpoint), from `rounds.jsonl` of an 8-client run;
 - memory: peak RSS of an 8-client run over a 1-client run (one model shared by all simulated
-  clients; target <= 1.3).
+  clients; target <= 1.3);
+- with `--default-run`: the wall time of `flexmoe run` exactly as the README's first command runs
+  it (built-in model already built), and its ROUGE-L table.
 
-Run: `python benchmarks/runtime.py [--model DIR]` (default: the built-in model, built on first
-use) -> runtime.json and runtime.md.
+Run: `python benchmarks/runtime.py [--model DIR] [--default-run]` (default model: the built-in
+one, built on first use) -> runtime.json and runtime.md.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -52,6 +55,31 @@ def run(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def time_default_run(out: Path) -> dict:
+    """`flexmoe run --out OUT` with nothing else: the README's main job, timed from outside."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "flexmoe", "run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"flexmoe run failed:\n{done.stderr[-3000:]}")
+    results = json.loads((out / "results.json").read_text())
+    clients = results["partition"]["clients"]
+    rows = {
+        name: {
+            "rougeL": {clients[pid]["name"]: m["clients"][pid]["rougeL"] for pid in clients},
+            "average_rougeL": m["average"]["rougeL"],
+            "total_bytes": m["comm"]["total_bytes"],
+        }
+        for name, m in results["methods"].items()
+    }
+    return {"seconds": seconds, "methods": rows}
+
+
 def spec_for(model: str, out: Path, methods: list[str], partition: dict, rounds: int) -> dict:
     return {
         "model": model,
@@ -73,6 +101,9 @@ def spec_for(model: str, out: Path, methods: list[str], partition: dict, rounds:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
+    parser.add_argument(
+        "--default-run", action="store_true", help="also time the default `flexmoe run`"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="flexmoe-bench-"))
     pathological = {"partition": "pathological"}
@@ -108,6 +139,8 @@ def main() -> None:
             "target": TARGET_MEMORY,
         },
     }
+    if args.default_run:
+        record["default_run"] = time_default_run(tmp / "default")
     (HERE / "runtime.json").write_text(json.dumps(record, indent=2) + "\n")
     b, o, m = record["bytes_per_round"], record["overhead"], record["memory"]
     table = [
@@ -125,8 +158,29 @@ def main() -> None:
         f"| peak memory, 8 clients / 1 client | {m['peak_rss_mb_8_clients']:.0f} MB / "
         f"{m['peak_rss_mb_1_client']:.0f} MB = {m['ratio']:.2f} | <= {TARGET_MEMORY} |",
     ]
+    if args.default_run:
+        table += default_run_lines(record["default_run"])
     (HERE / "runtime.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
+
+
+def default_run_lines(default: dict) -> list[str]:
+    methods = default["methods"]
+    tasks = list(next(iter(methods.values()))["rougeL"])
+    lines = [
+        "",
+        f"Default `flexmoe run` (built-in model already built): **{default['seconds'] / 60:.1f} "
+        "minutes** wall time. ROUGE-L F1 (%):",
+        "",
+        "| method | " + " | ".join(tasks) + " | average | comm total (MB) |",
+        "|---|" + "---:|" * (len(tasks) + 2),
+    ]
+    for name, row in methods.items():
+        scores = " | ".join(f"{row['rougeL'][task]:.2f}" for task in tasks)
+        lines.append(
+            f"| {name} | {scores} | {row['average_rougeL']:.2f} | {row['total_bytes'] / 1e6:.1f} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

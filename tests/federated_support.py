@@ -17,7 +17,8 @@ from flwr.clientapp import ClientApp
 from flexmoe import config as config_io
 from flexmoe.data import load_instructions
 from flexmoe.federated import client_app, task
-from flexmoe.federated.config import PAPER_CATEGORIES, RunConfig
+from flexmoe.federated.config import RunConfig
+from flexmoe.federated.partition import PAPER_CATEGORIES
 from flexmoe.moe.roles import assign_roles
 
 ALL_METHODS = (

@@ -146,7 +146,7 @@ def test_bad_requests_fail_with_clear_errors():
     with pytest.raises(DataError, match="unknown category nope"):
         make_partition(RECORDS, "pathological", categories=["closed_qa", "nope"])
     with pytest.raises(DataError, match="5 clients need 5 categories, got 4"):
-        make_partition(RECORDS, "pathological", num_clients=5)
+        make_partition(RECORDS, "pathological", num_clients=5, categories=PAPER_CATEGORIES)
     with pytest.raises(DataError, match="alpha must be > 0"):
         make_partition(RECORDS, "dirichlet", num_clients=3, alpha=0.0)
     with pytest.raises(DataError, match="too few to hold out test_per_client=300"):
@@ -174,3 +174,29 @@ def test_bundled_dolly_natural_and_pathological_splits():
     for client in pathological.clients:
         assert sum(r.split == "test" for r in client.test) == 10  # Dolly's own 10 per category
         assert len(client.test) == 100
+
+
+def test_pathological_without_named_categories_uses_the_datas_largest_ones():
+    # 3 clients: not the paper's 4, so the 3 largest categories, largest first
+    three = make_partition(RECORDS, "pathological", num_clients=3, test_per_client=10)
+    assert [c.name for c in three.clients] == ["classification", "closed_qa", "open_qa"]
+    # data without the paper's categories (e.g. an Alpaca-style file with its own labels)
+    relabelled = [
+        InstructionRecord(r.instruction, r.response, category=f"topic-{r.category}", id=r.id)
+        for r in RECORDS
+    ]
+    four = make_partition(relabelled, "pathological", num_clients=4, test_per_client=10)
+    assert [c.name for c in four.clients] == [
+        "topic-classification", "topic-closed_qa", "topic-open_qa", "topic-information_extraction"
+    ]  # fmt: skip
+    assert four.unassigned == 250 + 200  # summarization and brainstorming left out
+
+
+def test_pathological_with_too_few_categories_says_which_partition_to_use():
+    unlabelled = [InstructionRecord(r.instruction, r.response, id=r.id) for r in RECORDS]
+    with pytest.raises(
+        DataError, match=r"has 0 categories \(none\) for 4 clients.*dirichlet or iid"
+    ):
+        make_partition(unlabelled, "pathological", num_clients=4, test_per_client=10)
+    with pytest.raises(DataError, match=r"has 6 categories .* for 7 clients"):
+        make_partition(RECORDS, "pathological", num_clients=7, test_per_client=10)

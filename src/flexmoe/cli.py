@@ -191,7 +191,10 @@ def run(
         ),
     ] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
-    clients: Annotated[int | None, typer.Option(help="Clients (dirichlet / iid).")] = None,
+    clients: Annotated[
+        int | None,
+        typer.Option(help="Clients (pathological: its largest categories; dirichlet; iid)."),
+    ] = None,
     local_steps: Annotated[int | None, typer.Option(help="Local steps per round.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
     eval_samples: Annotated[
@@ -256,14 +259,10 @@ def run(
                 "--resume continues a run exactly as it was configured: drop the other options "
                 f"(got {', '.join(given) or 'config/--set/--out/--seeds'}), or start a new run"
             )
-    if clients is not None and (partition or "pathological") in (
-        "pathological",
-        "domain",
-        "natural",
-    ):
+    if clients is not None and partition in ("domain", "natural"):
         raise fail(
-            f"--clients applies to the dirichlet and iid partitions; the {partition or 'pathological'}"
-            " partition has one client per category / domain / FedIT client"
+            f"--clients applies to the pathological, dirichlet and iid partitions; the {partition}"
+            " partition has one client per domain / FedIT client"
         )
     run_dir = resume or out
     try:

@@ -14,8 +14,6 @@ from flexmoe.config import ConfigError
 from flexmoe.federated.methods import resolve_methods
 from flexmoe.flex.config import FlexConfig
 
-PAPER_CATEGORIES = ("closed_qa", "information_extraction", "classification", "summarization")
-
 
 @dataclass
 class DataConfig:
@@ -23,10 +21,11 @@ class DataConfig:
     """A bundled set name (dolly, alpaca, ...), a local JSON/JSONL/CSV/Parquet file, or a hub id."""
     partition: str = "pathological"
     """pathological | dirichlet | domain | iid | natural."""
-    categories: tuple[str, ...] = PAPER_CATEGORIES
-    """pathological: the category of each client, in client order."""
+    categories: tuple[str, ...] = ()
+    """pathological: the category of each client, in client order. Empty: the paper's four Dolly
+    tasks when the data has them, else the data's `clients` largest categories."""
     clients: int = 4
-    """Number of clients (pathological: taken from `categories`)."""
+    """Number of clients (pathological: one per category; ignored when `categories` are named)."""
     alpha: float = 0.5
     """dirichlet: concentration over categories (smaller = more skewed)."""
     test_per_client: int = 100

@@ -2,7 +2,8 @@
 
 Strategies (seeded: the same records and seed give the same partition and `partition_hash`):
 - `pathological`: client k holds every record of one category (the paper's default 4 clients:
-  closed_qa, information_extraction, classification, summarization);
+  closed_qa, information_extraction, classification, summarization; for other data, its largest
+  categories);
 - `dirichlet`: per category, its records are split among the clients at proportions drawn from
   Dir(alpha); the whole draw is repeated until every client has enough records (the algorithm of
   flwr-datasets' DirichletPartitioner, without its `datasets<5` pin). Small alpha = skewed;
@@ -198,8 +199,9 @@ def _pathological(
     num_clients: int | None,
     categories: Sequence[str] | None,
 ) -> list[tuple[str, list[InstructionRecord]]]:
-    categories = list(categories if categories is not None else PAPER_CATEGORIES)
-    by_category = _group(records, lambda r: r.category)
+    by_category = _group(records, lambda r: r.category or None)
+    by_category.pop(None, None)
+    categories = list(categories or default_categories(by_category, num_clients))
     unknown = [c for c in categories if c not in by_category]
     if unknown:
         raise DataError(
@@ -220,6 +222,26 @@ def _pathological(
             "gives one client per category, so name exactly the categories to use"
         )
     return [(category, by_category[category]) for category in categories]
+
+
+def default_categories(
+    by_category: dict[str, list[InstructionRecord]], num_clients: int | None
+) -> list[str]:
+    """The paper's four Dolly tasks when the data has them and 4 clients are asked for; otherwise
+    the data's `num_clients` largest categories (ties by name), so any labelled file works."""
+    wanted = num_clients or len(PAPER_CATEGORIES)
+    if wanted == len(PAPER_CATEGORIES) and all(c in by_category for c in PAPER_CATEGORIES):
+        return list(PAPER_CATEGORIES)
+    largest = sorted(by_category, key=lambda c: (-len(by_category[c]), c))
+    if len(largest) < wanted:
+        found = ", ".join(largest) or "none"
+        raise DataError(
+            f"the pathological partition gives each client one category, but the data has "
+            f"{len(largest)} categor{'y' if len(largest) == 1 else 'ies'} ({found}) for "
+            f"{wanted} clients: ask for fewer clients, or use --partition dirichlet or iid "
+            "with --clients N"
+        )
+    return largest[:wanted]
 
 
 def _dirichlet(

@@ -203,7 +203,10 @@ def pretraining_share(cfg: RunConfig) -> float | None:
 
 def partition_for(cfg: RunConfig) -> Partition:
     d = cfg.data
-    n = None if d.partition in ("pathological", "domain", "natural") else d.clients
+    if d.partition == "pathological":
+        n = None if d.categories else d.clients  # named categories: one client each
+    else:
+        n = None if d.partition in ("domain", "natural") else d.clients
     return _partition(
         d.source,
         d.partition,

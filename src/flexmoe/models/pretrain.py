@@ -74,6 +74,7 @@ RECIPE_VERSION = 1
 METADATA_FILE = "flexmoe_pretrain.json"
 """Written last into a model directory: its presence marks a complete build."""
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
+PRECISIONS = ("fp32", "bf16-autocast")
 INSTRUCTION_SOURCES = ("dolly", "alpaca", "alpaca_gpt4", "code_alpaca", "medical")
 
 
@@ -115,6 +116,9 @@ class PretrainConfig:
     tie_word_embeddings: bool = True
     router_aux_loss_coef: float = 0.01
     experts_implementation: str = "grouped_mm"
+    precision: str = "fp32"
+    """Training compute: fp32, or bf16-autocast (bf16 matmuls, fp32 weights and optimizer; faster
+    on CPUs with bf16 instructions). The saved model is fp32 either way."""
     # data
     seq_len: int = 512
     batch_size: int = 2
@@ -153,6 +157,10 @@ class PretrainConfig:
             raise ConfigError(
                 f"experts_implementation={self.experts_implementation!r}: choose one of "
                 f"{', '.join(EXPERTS_IMPLEMENTATIONS)} (grouped_mm is the fast one on CPU)"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}"
             )
         if not 0 < self.instruction_share <= 1:
             raise ConfigError(f"instruction_share must be in (0, 1], got {self.instruction_share}")
@@ -390,7 +398,8 @@ def train_steps(
         for step, input_ids in zip(range(cfg.steps), batches, strict=False):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg)
-            out = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
+            with torch.autocast("cpu", torch.bfloat16, enabled=cfg.precision == "bf16-autocast"):
+                out = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
