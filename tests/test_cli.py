@@ -40,6 +40,7 @@ def test_data_command_shows_the_dolly_breakdown():
         (["data", "dolly", "--field", "nonsense"], "our_field=their_column"),
         (["run", "--methods", "flex,magic", "--out", "unused"], "unknown method"),
         (["run", "--set", "train.rounds=0", "--out", "unused"], "must be >= 1"),
+        (["run", "--set", "eval.drift_samples=-1", "--out", "unused"], "drift_samples must be"),
         (["run", "--set", "nonsense=1", "--out", "unused"], "unknown option"),
         (["pretrain", "--set", "hidden=3"], "unknown option"),
     ],

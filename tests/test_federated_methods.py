@@ -155,6 +155,7 @@ def test_results_file_and_run_directory_layout(run):
         for client in range(CLIENTS):
             root = client_state(run, method, client).parent
             assert sorted(p.name for p in root.iterdir()) == [
+                "base-routing.json",
                 "predictions.jsonl",
                 "round-0001",
                 "round-0002",

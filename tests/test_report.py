@@ -35,6 +35,7 @@ FIGURES = (
     "training_loss.png",
     "routing_heatmaps.png",
     "routing_drift.png",
+    "routing_drift_rounds.png",
 )
 
 
@@ -54,6 +55,10 @@ def headings(markdown):
     return re.findall(r"^## (.+)$", markdown, flags=re.MULTILINE)
 
 
+def routing_section(markdown):
+    return markdown.split("## Routing\n", 1)[1].split("\n## ", 1)[0]
+
+
 def test_every_section_in_both_formats(report, run_dir):
     _, markdown, html = report
     assert headings(markdown) == list(SECTIONS)
@@ -70,6 +75,9 @@ def test_every_section_in_both_formats(report, run_dir):
         assert header in markdown and header in html
     assert "FLOPs per token ×" in markdown
     assert "not evaluated" not in markdown
+    routing = routing_section(markdown)
+    for figure in ("routing_heatmaps.png", "routing_drift.png", "routing_drift_rounds.png"):
+        assert f"](figures/{figure})" in routing
 
 
 def test_figures_are_valid_pngs_linked_and_embedded(report):
@@ -111,6 +119,8 @@ def test_an_unevaluated_run_reports_what_is_missing(tiny_lm_dir, tmp_path_factor
     assert "Inference cost" in markdown and "Not measured" in markdown
     assert not (tmp_path / "figures" / "routing_heatmaps.png").exists()
     assert (tmp_path / "figures" / "training_loss.png").exists()
+    # drift over rounds comes from training (rounds.jsonl), not from `flexmoe evaluate`
+    assert "](figures/routing_drift_rounds.png)" in routing_section(markdown)
 
 
 def test_a_summary_alone_builds_the_tables(run_dir, tmp_path):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from rich.progress import track
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from flexmoe.flex import find_grafts
 from flexmoe.moe import find_moe_layers
@@ -71,6 +72,18 @@ class RoutingProfile:
             "token_entropy_bits": self.token_entropy.tolist(),
             "gate_means": {str(k): v for k, v in self.gate_means.items()},
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RoutingProfile:
+        """The profile `to_dict` wrote (e.g. read back from JSON)."""
+        return cls(
+            layer_indices=list(data["layer_indices"]),
+            top_k=list(data["top_k"]),
+            counts=torch.tensor(data["counts"], dtype=torch.long),
+            tokens=torch.tensor(data["tokens"], dtype=torch.long),
+            token_entropy=torch.tensor(data["token_entropy_bits"], dtype=torch.float64),
+            gate_means={int(k): list(v) for k, v in data["gate_means"].items()},
+        )
 
 
 def entropy_bits(distribution: Tensor) -> Tensor:
@@ -185,6 +198,26 @@ def routing_profile(
             for index, graft in grafts.items()
         },
     )
+
+
+def prompt_batches(
+    prompts: Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase, batch_size: int
+) -> list[dict[str, Tensor]]:
+    """Token-id prompts as right-padded batches with attention masks, ready for
+    `routing_profile` (which leaves the padding out of every statistic)."""
+    pad = tokenizer.pad_token_id
+    pad = tokenizer.eos_token_id if pad is None else pad
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts[start : start + batch_size]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask})
+    return batches
 
 
 def routing_summary(profile: RoutingProfile, reference: RoutingProfile | None = None) -> dict:

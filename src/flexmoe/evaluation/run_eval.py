@@ -10,8 +10,9 @@ claims need more, all added to the run's `results.json` next to what is already 
 - at top level, `base` (the base model's MMLU, perplexity and per-client routing) and `cost`
   (active parameters, FLOPs and measured latency of each grafting method's model against the same
   model without its graft).
-Routing drift is measured after the last round only: a run keeps the final shared parameters,
-not those of every round, so earlier rounds' models cannot be rebuilt.
+This is the drift of the final models; drift after every round is measured by the clients
+themselves during training, on a few of their test prompts (`flexmoe.federated.drift`), since a
+run keeps only the final shared parameters and earlier rounds' models cannot be rebuilt.
 
 Methods whose clients all hold the same model (the "MoE + X" baselines, fedit) are scored once;
 models that differ per client (FLEx's grafts, `local`) are scored client by client. Every model
@@ -28,15 +29,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from flexmoe.data import MMLUItem, encode_prompt, load_mmlu
 from flexmoe.evaluation.cost import inference_cost
 from flexmoe.evaluation.generation import generate_responses
 from flexmoe.evaluation.mmlu import SHOT_SPLIT, balanced_subset, score_mmlu
 from flexmoe.evaluation.perplexity import heldout_perplexity
 from flexmoe.evaluation.rouge import ROUGE_TYPES, rouge_f1
-from flexmoe.evaluation.routing import RoutingProfile, routing_profile, routing_summary
+from flexmoe.evaluation.routing import (
+    RoutingProfile,
+    prompt_batches,
+    routing_profile,
+    routing_summary,
+)
 from flexmoe.federated import task
 from flexmoe.federated.artifacts import RunArtifacts
 from flexmoe.federated.methods import METHODS
@@ -46,9 +50,10 @@ from flexmoe.runtime import console
 ALL_METRICS = ("rouge", "mmlu", "ppl", "routing", "cost")
 RESULTS_FILE = "results.json"
 DRIFT_NOTE = (
-    "routing drift is measured after the final round only (JS divergence of each layer's load "
-    "from the base model's on the same prompts): a run keeps only the final shared parameters, "
-    "so the models of earlier rounds cannot be rebuilt"
+    "`flexmoe evaluate` measures the routing drift of the final models (JS divergence of each "
+    "layer's load from the base model's on the same test prompts); drift after every round is "
+    "measured by the clients during training, on their first eval.drift_samples test prompts "
+    "(routing_js in each method's rounds.jsonl)"
 )
 
 
@@ -219,7 +224,7 @@ class _Evaluator:
                 loaded.tokenizer,
                 records,
                 max_new_tokens=cfg.eval.max_new_tokens,
-                max_prompt_length=cfg.train.max_length - cfg.eval.max_new_tokens,
+                max_prompt_length=cfg.prompt_length,
                 batch_size=cfg.eval.batch_size,
             )
             scores = rouge_f1(predictions, [r.response for r in records])
@@ -289,19 +294,8 @@ class _Evaluator:
 
     def profile(self, loaded: LoadedModel, client_id: int) -> RoutingProfile:
         """Routing of `loaded` on the client's test prompts (padding excluded)."""
-        pad = loaded.tokenizer.pad_token_id
-        pad = loaded.tokenizer.eos_token_id if pad is None else pad
         prompts = self.client_prompts(loaded, client_id)
-        batches = []
-        for start in range(0, len(prompts), self.settings.batch_size):
-            rows = prompts[start : start + self.settings.batch_size]
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, row in enumerate(rows):
-                input_ids[i, : len(row)] = torch.tensor(row)
-                attention_mask[i, : len(row)] = 1
-            batches.append({"input_ids": input_ids, "attention_mask": attention_mask})
+        batches = prompt_batches(prompts, loaded.tokenizer, self.settings.batch_size)
         return routing_profile(loaded.model, batches, progress=self.progress)
 
     def client_prompts(self, loaded: LoadedModel, client_id: int) -> list[list[int]]:
@@ -312,8 +306,9 @@ class _Evaluator:
             records = self.artifacts.client_data(client_id).test[:samples]
             if not records:
                 raise EvaluationError(f"client {client_id} has no test items to route")
-            length = cfg.train.max_length - cfg.eval.max_new_tokens
-            self._prompts[client_id] = [encode_prompt(r, loaded.tokenizer, length) for r in records]
+            self._prompts[client_id] = [
+                encode_prompt(r, loaded.tokenizer, cfg.prompt_length) for r in records
+            ]
         return self._prompts[client_id]
 
     def cost(self, method: str) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flexmoe.federated import scaffold, task
+from flexmoe.federated import drift, scaffold, task
 from flexmoe.federated.config import RunConfig
 from flexmoe.federated.messages import decode_run_config
 from flexmoe.federated.methods import METHODS
@@ -70,7 +70,15 @@ def train(msg: Message, context: Context) -> Message:
         grad_clip=cfg.train.grad_clip,
     )
     shared_out, metrics, control = task.train_client(
-        mm, data, job, store, shared_in, cfg.seed, cfg.train.max_length, server_control
+        mm,
+        data,
+        job,
+        store,
+        shared_in,
+        cfg.seed,
+        cfg.train.max_length,
+        server_control,
+        drift.DriftProbe.from_config(cfg),
     )
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if mm.method.aggregates:

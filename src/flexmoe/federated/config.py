@@ -72,6 +72,9 @@ class EvalConfig:
     max_new_tokens: int = 256
     batch_size: int = 8
     metrics: tuple[str, ...] = ("rouge",)
+    drift_samples: int = 8
+    """Test prompts (the first ones of its split) on which every client measures, after each
+    round's training, how far its routing has drifted from the base model's; 0: not measured."""
 
 
 @dataclass
@@ -104,6 +107,13 @@ class RunConfig:
         resolve_methods(self.methods)
         if self.train.min_successful_clients < 1:
             raise ConfigError("train.min_successful_clients must be >= 1")
+        if self.eval.drift_samples < 0:
+            raise ConfigError("eval.drift_samples must be >= 0 (0: routing drift not measured)")
+
+    @property
+    def prompt_length(self) -> int:
+        """Prompt tokens at evaluation: the context length minus the tokens generated."""
+        return self.train.max_length - self.eval.max_new_tokens
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -79,10 +79,13 @@ def serve_method(
         return shapes
 
     def on_round_end(server_round: int, report: dict) -> None:
-        losses = [c["train-loss"] for c in report["clients"].values()]
+        clients = list(report["clients"].values())
+        losses = [c["train-loss"] for c in clients]
         mean = sum(losses) / len(losses) if losses else float("nan")
+        drifts = [c["routing_js"] for c in clients if "routing_js" in c]
+        drift = f", routing JS from base {sum(drifts) / len(drifts):.4f} bits" if drifts else ""
         console.log(
-            f"{method.name} round {server_round}/{t.rounds}: mean train loss {mean:.3f} "
+            f"{method.name} round {server_round}/{t.rounds}: mean train loss {mean:.3f}{drift} "
             f"({len(losses)} clients, {report['seconds']:.1f} s)"
         )
 

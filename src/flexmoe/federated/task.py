@@ -23,7 +23,7 @@ from flexmoe.data import encode_dataset, load_instructions
 from flexmoe.data.prompting import EncodedExample
 from flexmoe.evaluation.generation import generate_responses
 from flexmoe.evaluation.rouge import rouge_f1
-from flexmoe.federated import scaffold
+from flexmoe.federated import drift, scaffold
 from flexmoe.federated.client_state import ClientStateStore
 from flexmoe.federated.config import RunConfig
 from flexmoe.federated.local_training import draw_batches, round_seed, train_local
@@ -327,8 +327,10 @@ def train_client(
     seed: int,
     max_length: int,
     server_control: dict[str, torch.Tensor] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, torch.Tensor]]:
-    """One client's round: restore, train `local_steps` steps, save personal state.
+    drift_probe: drift.DriftProbe | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float | list[float]], dict[str, torch.Tensor]]:
+    """One client's round: restore, train `local_steps` steps, save personal state and, with a
+    `drift_probe`, measure the routing drift of the trained model from the base model.
 
     Returns the shared tensors to send, metrics, and (SCAFFOLD) the client's new control variate.
     """
@@ -339,6 +341,16 @@ def train_client(
         load_shared(mm, shared_in)
     client_seed = round_seed(seed, job.server_round, data.client_id)
     restore_personal(mm, store, job.restore_round, data, max_length, client_seed)
+    if drift_probe is not None:
+        probe = drift_probe.batches(data, tokenizer)
+        base_routing = drift.base_profile(
+            store,
+            drift_probe.identity(data, mm.loaded.source),
+            model,
+            probe,
+            model_is_base=job.restore_round == 0,  # nothing differs from base yet: see `drift`
+            model_source=mm.loaded.source,
+        )
     if mm.method.trains == "all":
         trainable = {n for n, _ in model.named_parameters()}
         for param in model.parameters():
@@ -369,6 +381,9 @@ def train_client(
         prox_mu=job.prox_mu,
         gradient_hook=hook,
     )
+    routing_drift = (
+        drift.drift_metrics(model, probe, base_routing) if drift_probe is not None else {}
+    )
     shared_out = shared_tensors(mm)
     if server_control is not None:
         control = scaffold.updated_client_control(
@@ -388,6 +403,7 @@ def train_client(
     metrics = {
         "train-loss": loss,
         "num-examples": len(examples),
+        **routing_drift,
         "seconds": time.perf_counter() - started,
     }
     return shared_out, metrics, ({"c_i": c_i, "new": control} if control is not None else {})

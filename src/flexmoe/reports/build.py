@@ -148,11 +148,22 @@ def _comparisons(summary: dict) -> Section:
 
 
 def _routing(summary: dict, runs: list, figures: Path) -> Section:
+    over_rounds = _figure_or_note(
+        plots.drift_over_rounds(runs, summary["methods"], figures / "routing_drift_rounds.png"),
+        "Routing drift over rounds: JS divergence of each client's expert load from the base "
+        "model's on its first eval.drift_samples test prompts, after its local training; mean "
+        "over MoE layers and the round's clients.",
+        "No per-round routing drift in the runs' rounds.jsonl (measured during training when "
+        "eval.drift_samples > 0; the run directories must be available).",
+    )
     evaluated = any("routing_js" in m for m in summary["metrics"].values())
     if not evaluated:
         return Section(
             "Routing",
-            [Text("Routing statistics have not been evaluated: run `flexmoe evaluate RUN_DIR`.")],
+            [
+                over_rounds,
+                Text("Routing statistics have not been evaluated: run `flexmoe evaluate RUN_DIR`."),
+            ],
         )
     heatmaps = (
         plots.routing_heatmaps(
@@ -177,6 +188,7 @@ def _routing(summary: dict, runs: list, figures: Path) -> Section:
                 "on the same prompts, mean over MoE layers.",
                 "No routing drift values.",
             ),
+            over_rounds,
             Text(DRIFT_NOTE[0].upper() + DRIFT_NOTE[1:] + "."),
         ],
     )

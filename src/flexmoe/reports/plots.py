@@ -13,6 +13,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from flexmoe.reports.inputs import RunData
@@ -53,27 +54,9 @@ def training_loss(
                 for cid, metrics in record["clients"].items():
                     losses[cid][record["round"]].append(metrics["train-loss"])
         for cid, name in clients.items():
-            if cid not in losses:
-                continue
-            rounds = sorted(losses[cid])
-            mean = np.array([np.mean(losses[cid][r]) for r in rounds])
-            ax.plot(
-                rounds,
-                mean,
-                marker="o" if len(rounds) <= 20 else None,
-                ms=3,
-                label=name,
-                color=client_colors[cid],
-            )
-            if len(runs) > 1:
-                std = np.array(
-                    [
-                        np.std(losses[cid][r], ddof=1) if len(losses[cid][r]) > 1 else 0.0
-                        for r in rounds
-                    ]
-                )
-                ax.fill_between(
-                    rounds, mean - std, mean + std, alpha=0.15, color=client_colors[cid]
+            if cid in losses:
+                _line_over_rounds(
+                    ax, losses[cid], len(runs) > 1, label=name, color=client_colors[cid]
                 )
         ax.set_title(method)
         ax.grid(alpha=0.3)
@@ -86,12 +69,46 @@ def training_loss(
             ax.set_xlabel("round")
             ax.tick_params(labelbottom=True)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    spread = f"mean over {len(runs)} seeds, band ± std" if len(runs) > 1 else f"seed {runs[0].seed}"
-    fig.suptitle(f"Training loss per client and round ({spread})")
+    fig.suptitle(f"Training loss per client and round ({_runs_text(runs)})")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(
         handles, labels, loc="outside lower center", ncols=min(len(labels), 4), title="client"
     )
+    return _save(fig, path)
+
+
+def drift_over_rounds(runs: list[RunData], methods: list[str], path: Path) -> Path | None:
+    """Per method, the JS divergence of the clients' routing from the base model's after each
+    round's local training (as the clients measured it), mean over the clients of the round."""
+    drift: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for method in methods:
+            for record in run.rounds.get(method, []):
+                values = [m["routing_js"] for m in record["clients"].values() if "routing_js" in m]
+                if values:
+                    drift[method][record["round"]].append(float(np.mean(values)))
+    if not drift:
+        return None
+    colors = colors_for(methods)
+    fig = Figure(figsize=(7.5, 4.4), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    for position, method in enumerate(methods):
+        if method in drift:
+            _line_over_rounds(
+                ax,
+                drift[method],
+                len(runs) > 1,
+                label=method,
+                color=colors[method],
+                linestyle=LINE_STYLES[position % len(LINE_STYLES)],
+            )
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("round")
+    ax.set_ylabel("JS divergence from the base model's routing (bits)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"Routing drift over rounds (mean over clients; {_runs_text(runs)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", title="method")
     return _save(fig, path)
 
 
@@ -277,6 +294,22 @@ def _grouped_bars(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncols=min(len(methods), 4))
     return _save(fig, path)
+
+
+def _line_over_rounds(ax: Axes, by_round: dict[int, list[float]], band: bool, **style) -> None:
+    """The mean per round of the seeds' values; with `band`, ± their std shaded around it."""
+    rounds = sorted(by_round)
+    mean = np.array([np.mean(by_round[r]) for r in rounds])
+    ax.plot(rounds, mean, marker="o" if len(rounds) <= 20 else None, ms=3, **style)
+    if band:
+        std = np.array(
+            [np.std(by_round[r], ddof=1) if len(by_round[r]) > 1 else 0.0 for r in rounds]
+        )
+        ax.fill_between(rounds, mean - std, mean + std, alpha=0.15, color=style["color"])
+
+
+def _runs_text(runs: list[RunData]) -> str:
+    return f"mean over {len(runs)} seeds, band ± std" if len(runs) > 1 else f"seed {runs[0].seed}"
 
 
 def _spread(count: int, at_most: int) -> list[int]:
