@@ -25,6 +25,12 @@ def test_each_command_has_useful_help(command):
     assert "Usage" in result.output and len(result.output.splitlines()) > 8
 
 
+def test_help_shows_what_an_argument_is():
+    # typer 0.20 with click >= 8.5 silently drops arguments' help (pinned in pyproject)
+    result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
+    assert "A run directory, a directory of seed runs, or a summary.json" in result.output
+
+
 def test_data_command_shows_the_dolly_breakdown():
     result = runner.invoke(app, ["data", "dolly", "--split", "test"])
     assert result.exit_code == 0, result.output
@@ -42,6 +48,13 @@ def test_data_command_shows_the_dolly_breakdown():
         (["run", "--set", "train.rounds=0", "--out", "unused"], "must be >= 1"),
         (["run", "--set", "eval.drift_samples=-1", "--out", "unused"], "drift_samples must be"),
         (["run", "--set", "nonsense=1", "--out", "unused"], "unknown option"),
+        (["run", "--clients", "0", "--out", "unused"], "0 is not in the range x>=1"),
+        (["run", "--set", "data.partition=domain", "--clients", "3"], "one client per domain"),
+        (
+            ["run", "--clients", "3", "--set", "data.categories=[closed_qa,summarization]"],
+            "2 categories are named",
+        ),
+        (["run", "--max-new-tokens", "300", "--out", "unused"], "leaves 20 prompt tokens"),
         (["pretrain", "--set", "hidden=3"], "unknown option"),
     ],
 )

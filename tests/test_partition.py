@@ -176,10 +176,12 @@ def test_bundled_dolly_natural_and_pathological_splits():
         assert len(client.test) == 100
 
 
-def test_pathological_without_named_categories_uses_the_datas_largest_ones():
-    # 3 clients: not the paper's 4, so the 3 largest categories, largest first
+def test_pathological_without_named_categories_takes_paper_tasks_then_the_largest():
+    # the paper's tasks first, then the largest others
     three = make_partition(RECORDS, "pathological", num_clients=3, test_per_client=10)
-    assert [c.name for c in three.clients] == ["classification", "closed_qa", "open_qa"]
+    assert [c.name for c in three.clients] == list(PAPER_CATEGORIES[:3])
+    five = make_partition(RECORDS, "pathological", num_clients=5, test_per_client=10)
+    assert [c.name for c in five.clients] == [*PAPER_CATEGORIES, "open_qa"]
     # data without the paper's categories (e.g. an Alpaca-style file with its own labels)
     relabelled = [
         InstructionRecord(r.instruction, r.response, category=f"topic-{r.category}", id=r.id)
@@ -200,3 +202,17 @@ def test_pathological_with_too_few_categories_says_which_partition_to_use():
         make_partition(unlabelled, "pathological", num_clients=4, test_per_client=10)
     with pytest.raises(DataError, match=r"has 6 categories .* for 7 clients"):
         make_partition(RECORDS, "pathological", num_clients=7, test_per_client=10)
+
+
+def test_only_bundled_data_is_held_back_from_test_items_for_a_flexmoe_model(tmp_path):
+    from flexmoe.federated.config import RunConfig
+    from flexmoe.federated.task import pretraining_share
+    from flexmoe.models.pretrain import METADATA_FILE
+
+    model_dir = tmp_path / "model"  # a flexmoe-pretrained model: it saw half of the bundled sets
+    model_dir.mkdir()
+    (model_dir / METADATA_FILE).write_text('{"data": {"instruction_share": 0.5}}')
+    cfg = RunConfig(model=str(model_dir))
+    assert pretraining_share(cfg) == 0.5
+    cfg.data.source = str(tmp_path / "mine.jsonl")  # the user's own data: never pretrained on
+    assert pretraining_share(cfg) is None

@@ -193,7 +193,11 @@ def run(
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
     clients: Annotated[
         int | None,
-        typer.Option(help="Clients (pathological: its largest categories; dirichlet; iid)."),
+        typer.Option(
+            min=1,
+            help="Clients (dirichlet, iid; pathological: the paper's 4 Dolly tasks, else the "
+            "data's N largest categories).",
+        ),
     ] = None,
     local_steps: Annotated[int | None, typer.Option(help="Local steps per round.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
@@ -259,17 +263,14 @@ def run(
                 "--resume continues a run exactly as it was configured: drop the other options "
                 f"(got {', '.join(given) or 'config/--set/--out/--seeds'}), or start a new run"
             )
-    if clients is not None and partition in ("domain", "natural"):
-        raise fail(
-            f"--clients applies to the pathological, dirichlet and iid partitions; the {partition}"
-            " partition has one client per domain / FedIT client"
-        )
     run_dir = resume or out
     try:
         if seeds is not None:
             if seed is not None:
                 raise fail("--seeds replaces --seed")
-            cfg = check_run_inputs(resolve_run_config(config, flags, set_, preset))
+            cfg = resolve_run_config(config, flags, set_, preset)
+            check_clients_flag(cfg, clients)
+            cfg = check_run_inputs(cfg)
             run_several_seeds(parse_seeds(seeds), cfg, out)
             return
         if resume is not None:
@@ -277,6 +278,7 @@ def run(
             cfg = prepare_run_dir(run_dir, None, resume=True)
         else:
             cfg = resolve_run_config(config, flags, set_, preset)
+            check_clients_flag(cfg, clients)
             run_dir = out or Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
             check_new_run_dir(run_dir)  # before the inputs: checking them may build the base model
             prepare_run_dir(run_dir, check_run_inputs(cfg), resume=False)
@@ -294,6 +296,24 @@ def run(
         raise fail(str(err)) from None
     output.print(results_table(results))
     output.print(f"results: {run_dir / 'results.json'}")
+
+
+def check_clients_flag(cfg, clients: int | None) -> None:
+    """`--clients N` must mean N clients: refused where the partition fixes the count itself."""
+    if clients is None:
+        return
+    d = cfg.data
+    if d.partition in ("domain", "natural"):
+        raise fail(
+            f"--clients applies to the pathological, dirichlet and iid partitions; the "
+            f"{d.partition} partition has one client per domain / FedIT client"
+        )
+    if d.partition == "pathological" and d.categories and len(d.categories) != clients:
+        raise fail(
+            f"--clients {clients}, but {len(d.categories)} categories are named "
+            f"({', '.join(d.categories)}) and the pathological partition gives one client per "
+            "category: drop --clients, or name as many categories"
+        )
 
 
 def check_run_inputs(cfg):

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from flexmoe.data.records import InstructionRecord
 from flexmoe.evaluation.generation import generate_responses
 from flexmoe.federated import task
+from flexmoe.federated.base_model import check_base_model
 from flexmoe.federated.config import RunConfig
 from flexmoe.federated.messages import decode_run_config
 from flexmoe.federated.methods import METHODS, Method, resolve_methods
@@ -65,6 +66,7 @@ class RunArtifacts:
                 "(written by `flexmoe run --out DIR`)"
             )
         self.config: RunConfig = decode_run_config(config_file.read_text(encoding="utf-8"))
+        check_base_model(self.run_dir, self.config)
         self.state_dir = Path(state_dir) if state_dir is not None else self.run_dir / "state"
         self.run_name = self.run_dir.resolve().name
         """The name the runtime filed client state under (the run directory's name)."""

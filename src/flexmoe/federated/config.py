@@ -14,6 +14,9 @@ from flexmoe.config import ConfigError
 from flexmoe.federated.methods import resolve_methods
 from flexmoe.flex.config import FlexConfig
 
+MIN_PROMPT_LENGTH = 48
+"""Prompt tokens an evaluation prompt needs at least: the Alpaca template alone takes ~40."""
+
 
 @dataclass
 class DataConfig:
@@ -109,6 +112,13 @@ class RunConfig:
             raise ConfigError("train.min_successful_clients must be >= 1")
         if self.eval.drift_samples < 0:
             raise ConfigError("eval.drift_samples must be >= 0 (0: routing drift not measured)")
+        if self.prompt_length < MIN_PROMPT_LENGTH:
+            raise ConfigError(
+                f"train.max_length={self.train.max_length} minus eval.max_new_tokens="
+                f"{self.eval.max_new_tokens} leaves {self.prompt_length} prompt tokens at "
+                f"evaluation (need >= {MIN_PROMPT_LENGTH}): lower --max-new-tokens or raise "
+                "--set train.max_length"
+            )
 
     @property
     def prompt_length(self) -> int:

@@ -58,8 +58,9 @@ class DriftProbe:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> DriftProbe | None:
-        """The run's probe, or None when drift is not measured (`eval.drift_samples = 0`)."""
-        if cfg.eval.drift_samples == 0:
+        """The run's probe, or None when drift is not measured (`eval.drift_samples = 0`, or no
+        client holds test items: `data.test_per_client = 0`)."""
+        if cfg.eval.drift_samples == 0 or cfg.data.test_per_client == 0:
             return None
         return cls(cfg.eval.drift_samples, cfg.prompt_length, cfg.eval.batch_size)
 

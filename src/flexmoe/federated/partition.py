@@ -165,7 +165,7 @@ def make_partition(
         if len(share) <= test_per_client:
             raise DataError(
                 f"client {client_id} ({name}) has {len(share)} records, too few to hold out "
-                f"test_per_client={test_per_client} and still train: lower test_per_client"
+                f"test_per_client={test_per_client} and still train: lower --set data.test_per_client=N"
                 + (" or num_clients, or raise alpha" if strategy == "dirichlet" else "")
             )
         train, test = _hold_out(share, test_per_client, rng, test_eligible)
@@ -227,12 +227,12 @@ def _pathological(
 def default_categories(
     by_category: dict[str, list[InstructionRecord]], num_clients: int | None
 ) -> list[str]:
-    """The paper's four Dolly tasks when the data has them and 4 clients are asked for; otherwise
-    the data's `num_clients` largest categories (ties by name), so any labelled file works."""
+    """`num_clients` categories (default 4): the paper's four Dolly tasks first when the data has
+    them, then the largest other categories (ties by name), so any labelled file works."""
     wanted = num_clients or len(PAPER_CATEGORIES)
-    if wanted == len(PAPER_CATEGORIES) and all(c in by_category for c in PAPER_CATEGORIES):
-        return list(PAPER_CATEGORIES)
     largest = sorted(by_category, key=lambda c: (-len(by_category[c]), c))
+    if all(c in by_category for c in PAPER_CATEGORIES):
+        largest = [*PAPER_CATEGORIES, *(c for c in largest if c not in PAPER_CATEGORIES)]
     if len(largest) < wanted:
         found = ", ".join(largest) or "none"
         raise DataError(

@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 from flexmoe import __version__
 from flexmoe.federated import task
+from flexmoe.federated.base_model import check_base_model, record_base_model
 from flexmoe.federated.client_app import app as client_app
 from flexmoe.federated.config import RunConfig
 from flexmoe.federated.grid import run_embedded
@@ -43,10 +44,13 @@ def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig
     if resume:
         if not config_file.is_file():
             raise RunDirError(f"nothing to resume in {out}: it has no config.resolved.json")
-        return decode_run_config(config_file.read_text())
+        cfg = decode_run_config(config_file.read_text())
+        check_base_model(out, cfg)
+        return cfg
     check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     config_file.write_text(cfg.to_json() + "\n")
+    record_base_model(out, cfg, task.model_source(cfg))
     return cfg
 
 

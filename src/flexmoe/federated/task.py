@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 
-from flexmoe.data import encode_dataset, load_instructions
+from flexmoe.data import BUNDLED_INSTRUCTION_SETS, encode_dataset, load_instructions
 from flexmoe.data.prompting import EncodedExample
 from flexmoe.evaluation.generation import generate_responses
 from flexmoe.evaluation.rouge import rouge_f1
@@ -193,10 +193,13 @@ def _partition(
 
 
 def pretraining_share(cfg: RunConfig) -> float | None:
-    """The share of instruction data a flexmoe-pretrained base model saw (None for other models).
+    """The share of the bundled instruction data a flexmoe-pretrained base model saw (None for
+    other models, and for the user's own data, which no flexmoe model was pretrained on).
 
     Test items are then drawn only from records it never saw, so ROUGE measures generalisation.
     """
+    if cfg.data.source not in BUNDLED_INSTRUCTION_SETS:
+        return None
     metadata = read_metadata(Path(model_source(cfg)))
     return None if metadata is None else metadata["data"]["instruction_share"]
 

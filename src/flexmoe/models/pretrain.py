@@ -20,19 +20,19 @@ text it never trains on; bits per byte do not depend on the vocabulary, so recip
 tokenizers compare fairly.
 
 Recipe (the `PretrainConfig` defaults), chosen by full-length runs scored on the same held-out text:
-- the issue's reference shape: vocab 8192, hidden 256, 4 layers, 16 experts top-4 of width 128,
+- the reference shape flexmoe started from: vocab 8192, hidden 256, 4 layers, 16 experts top-4 of width 128,
   shared expert 512 (10.77M parameters). A leaner shape (top-2, width 192, shared 256, vocab 4096)
   ran 1.5x the tokens/s but learned less per token and lost at equal time (2.79-2.83 vs 2.76 bits
   per byte);
 - bf16 autocast: bf16 matmuls, fp32 weights and AdamW state; 1.27x the fp32 step rate on this
   machine's CPU (avx512_bf16);
 - small batches, 4 x 512 tokens: per token, more optimizer steps learn faster in this short
-  regime (2.05M tokens: 2.685 bits/byte with 4 x 512 at lr 1.5e-3 vs 2.730 with 8 x 512 at lr 2e-3;
+  regime (probes of 2.05M tokens: 2.685 bits/byte with 4 x 512 at lr 1.5e-3 vs 2.730 with 8 x 512 at lr 2e-3;
   with the leaner shape lr 3e-3 was worse than 2e-3: 2.91 vs 2.83). 512-token sequences, so
   fine-tuning prompts fit the trained length;
 - AdamW lr 1.5e-3, 40 warmup steps, cosine to 10%; 960 steps (~1.97M tokens): 9.8 minutes of
   training at 3,344 tokens/s on two idle cores, 10.1 minutes in all.
-Result: WikiText-2 perplexity 756.5 (2.689 bits/byte). The issue's reference recipe (fp32, 400
+Result: WikiText-2 perplexity 756.5 (2.689 bits/byte). The reference recipe (fp32, 400
 steps of 16 x 256 tokens, lr 2e-3), rerun here and scored the same way: perplexity 895.0 (2.757
 bits/byte) in 8.7 minutes.
 """
