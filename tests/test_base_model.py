@@ -37,3 +37,15 @@ def test_a_run_of_this_build_passes(tmp_path, monkeypatch):
     run_dir, cfg = _run_dir(tmp_path, str(default_model_dir()))
     check_base_model(run_dir, cfg)
     assert prepare_run_dir(run_dir, None, resume=True).hash() == cfg.hash()
+
+
+def test_a_renamed_run_directory_is_refused_on_resume(tmp_path, monkeypatch):
+    from flexmoe.federated.run import RunDirError
+
+    monkeypatch.setenv("FLEXMOE_HOME", str(tmp_path / "home"))
+    run_dir, _ = _run_dir(tmp_path, str(default_model_dir()))
+    (run_dir / "state" / "run" / "flex").mkdir(parents=True)  # filed under the name "run"
+    prepare_run_dir(run_dir, None, resume=True)
+    renamed = run_dir.rename(tmp_path / "renamed")
+    with pytest.raises(RunDirError, match="filed under run, not under this directory's name"):
+        prepare_run_dir(renamed, None, resume=True)

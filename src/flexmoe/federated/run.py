@@ -46,12 +46,26 @@ def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig
             raise RunDirError(f"nothing to resume in {out}: it has no config.resolved.json")
         cfg = decode_run_config(config_file.read_text())
         check_base_model(out, cfg)
+        check_state_name(out)
         return cfg
     check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     config_file.write_text(cfg.to_json() + "\n")
     record_base_model(out, cfg, task.model_source(cfg))
     return cfg
+
+
+def check_state_name(out: Path) -> None:
+    """Client state is filed under the run directory's name: refuse a renamed run directory
+    (resuming it would silently start every client afresh) and say how to fix it."""
+    state = out / "state"
+    filed = sorted(d.name for d in state.iterdir() if d.is_dir()) if state.is_dir() else []
+    if filed and out.resolve().name not in filed:
+        raise RunDirError(
+            f"the client state in {state} is filed under {', '.join(filed)}, not under this "
+            f"directory's name {out.resolve().name!r} (was it renamed?): rename the directory "
+            "back to continue it"
+        )
 
 
 def run_methods(
