@@ -98,9 +98,8 @@ def build(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        nested = _dataclass_type(cls, name)
-        if nested is not None and isinstance(value, dict):
-            value = build(nested, value, where=f"{where}.{name}")
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            value = build(hints[name], value, where=f"{where}.{name}")
         else:
             value = _coerce(value, hints[name], f"{where}.{name}")
         kwargs[name] = value
@@ -148,11 +147,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
     return value
-
-
-def _dataclass_type(cls: type, name: str) -> type | None:
-    hint = typing.get_type_hints(cls).get(name)
-    return hint if dataclasses.is_dataclass(hint) else None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from flexmoe.data.records import InstructionRecord
 from flexmoe.evaluation.generation import generate_responses
 from flexmoe.federated import task
 from flexmoe.federated.base_model import check_base_model
+from flexmoe.federated.client_state import state_name
 from flexmoe.federated.config import RunConfig
 from flexmoe.federated.messages import decode_run_config
 from flexmoe.federated.methods import METHODS, Method, resolve_methods
@@ -68,7 +69,7 @@ class RunArtifacts:
         self.config: RunConfig = decode_run_config(config_file.read_text(encoding="utf-8"))
         check_base_model(self.run_dir, self.config)
         self.state_dir = Path(state_dir) if state_dir is not None else self.run_dir / "state"
-        self.run_name = self.run_dir.resolve().name
+        self.run_name = state_name(self.run_dir)
         """The name the runtime filed client state under (the run directory's name)."""
 
     # ------------------------------------------------------------ what the run holds

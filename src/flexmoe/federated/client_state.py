@@ -17,6 +17,12 @@ from pathlib import Path
 _ROUND_DIR = re.compile(r"^round-(\d{4,})$")
 
 
+def state_name(run_dir: str | Path) -> str:
+    """The name a run's client state is filed under (`STATE_DIR/<name>/<method>/client-<id>`):
+    the run directory's own name, so the state of several runs can share one state directory."""
+    return Path(run_dir).resolve().name
+
+
 class ClientStateStore:
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -15,6 +15,7 @@ from flexmoe import __version__
 from flexmoe.federated import task
 from flexmoe.federated.base_model import check_base_model, record_base_model
 from flexmoe.federated.client_app import app as client_app
+from flexmoe.federated.client_state import state_name
 from flexmoe.federated.config import RunConfig
 from flexmoe.federated.grid import run_embedded
 from flexmoe.federated.messages import decode_run_config
@@ -58,13 +59,12 @@ def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool) -> RunConfig
 def check_state_name(out: Path) -> None:
     """Client state is filed under the run directory's name: refuse a renamed run directory
     (resuming it would silently start every client afresh) and say how to fix it."""
-    state = out / "state"
+    state, name = out / "state", state_name(out)
     filed = sorted(d.name for d in state.iterdir() if d.is_dir()) if state.is_dir() else []
-    if filed and out.resolve().name not in filed:
+    if filed and name not in filed:
         raise RunDirError(
             f"the client state in {state} is filed under {', '.join(filed)}, not under this "
-            f"directory's name {out.resolve().name!r} (was it renamed?): rename the directory "
-            "back to continue it"
+            f"directory's name {name!r} (was it renamed?): rename the directory back to continue it"
         )
 
 

@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from flexmoe.config import ConfigError
+from flexmoe.federated.client_state import state_name
 from flexmoe.federated.messages import load_run_config
 from flexmoe.federated.methods import resolve_methods
 from flexmoe.federated.server import serve_method
@@ -34,4 +35,6 @@ def main(grid: Grid, context: Context) -> None:
     method = resolve_methods([str(context.run_config["method"])])[0]
     run_dir = Path(str(context.run_config["run-dir"]))
     stop_after = int(context.run_config.get("stop-after", 0)) or None
-    serve_method(grid, cfg, method, run_dir / method.name, run_dir.name, stop_after=stop_after)
+    serve_method(
+        grid, cfg, method, run_dir / method.name, state_name(run_dir), stop_after=stop_after
+    )

@@ -206,10 +206,11 @@ def pretraining_share(cfg: RunConfig) -> float | None:
 
 def partition_for(cfg: RunConfig) -> Partition:
     d = cfg.data
-    if d.partition == "pathological":
-        n = None if d.categories else d.clients  # named categories: one client each
-    else:
-        n = None if d.partition in ("domain", "natural") else d.clients
+    # domains, FedIT clients and named categories fix the number of clients themselves
+    fixed = d.partition in ("domain", "natural") or (
+        d.partition == "pathological" and bool(d.categories)
+    )
+    n = None if fixed else d.clients
     return _partition(
         d.source,
         d.partition,
