@@ -1,9 +1,11 @@
-"""ROUGE F1 (the paper's metric): hand-computed values, and rouge-score's own numbers."""
+"""ROUGE F1 (the paper's metric): hand-computed values, rouge-score's own numbers and tokens on
+English, and meaningful scores on scripts rouge-score drops."""
 
 import pytest
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, tokenizers
 
-from flexmoe.evaluation.rouge import rouge_f1
+from flexmoe.data.bundled import read_bundled_jsonl
+from flexmoe.evaluation.rouge import AnyScriptTokenizer, rouge_f1
 
 PAIRS = [
     ("the cat sat on the mat", "The cat is on the mat."),
@@ -38,3 +40,34 @@ def test_mismatched_or_empty_inputs_are_refused():
         rouge_f1(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="no predictions"):
         rouge_f1([], [])
+
+
+def test_tokens_equal_rouge_scores_on_real_ascii_text():
+    records = read_bundled_jsonl("dolly15k/dolly_closed_qa.jsonl")[:300]
+    texts = [r[key] for r in records for key in ("context", "response") if r[key].isascii()]
+    assert len(texts) > 400
+    ours, theirs = AnyScriptTokenizer(), tokenizers.DefaultTokenizer(use_stemmer=True)
+    for text in texts:
+        assert ours.tokenize(text) == theirs.tokenize(text), text
+
+
+def test_unspaced_scripts_score_per_character_and_other_scripts_per_word():
+    # Chinese, per character: prediction 猫坐在垫子上 (6), reference 猫在垫子上 (5). Unigrams and
+    # LCS share 5: P = 5/6, R = 1 -> F = 10/11. Bigrams share 在垫 垫子 子上: P = 3/5, R = 3/4 -> 2/3.
+    chinese = rouge_f1(["猫坐在垫子上。"], ["猫在垫子上"])
+    assert chinese == pytest.approx(
+        {"rouge1": 100 * 10 / 11, "rouge2": 100 * 2 / 3, "rougeL": 100 * 10 / 11}
+    )
+    # Russian and Hindi (combining marks inside words) keep whole, case-folded words.
+    assert rouge_f1(["Кошка сидит"], ["кошка спит"])["rouge1"] == pytest.approx(50.0)
+    assert AnyScriptTokenizer().tokenize("नमस्ते दुनिया!") == ["नमस्ते", "दुनिया"]
+    assert rouge_f1(["नमस्ते दुनिया"], ["नमस्ते"])["rouge1"] == pytest.approx(100 * 2 / 3)
+    # Mixed text: Japanese characters one by one, the English word stemmed as rouge-score does.
+    assert AnyScriptTokenizer().tokenize("running東京タワー") == [
+        "run",
+        "東",
+        "京",
+        "タ",
+        "ワ",
+        "ー",
+    ]

@@ -259,3 +259,28 @@ def test_node_ids_are_seeded_and_distinct():
     assert ids == EmbeddedGrid(ClientApp(), 5, seed=3).get_node_ids()
     assert ids != EmbeddedGrid(ClientApp(), 5, seed=4).get_node_ids()
     assert len(set(ids)) == 5 and 1 not in ids  # 1 is the SuperLink's own node id
+
+
+def test_flower_logs_have_no_colour_codes_off_a_terminal_and_follow_quiet(monkeypatch):
+    import io
+    import logging
+
+    from flwr.common.logger import ConsoleHandler
+
+    from flexmoe.runtime import console
+
+    (handler,) = [h for h in logging.getLogger("flwr").handlers if isinstance(h, ConsoleHandler)]
+    captured = io.StringIO()
+    previous = handler.setStream(captured)
+    try:
+        run_embedded(make_server_app(CommLedger()), make_client_app(), 2, {"rounds": 1})
+        logged = captured.getvalue()
+        assert "INFO" in logged and "\x1b[" not in logged  # pytest's stderr is not a terminal
+        captured.truncate(0)
+        monkeypatch.setattr(console, "quiet", True)
+        run_embedded(make_server_app(CommLedger()), make_client_app(), 2, {"rounds": 1})
+        assert "INFO" not in captured.getvalue()
+    finally:
+        handler.setStream(previous)
+        monkeypatch.undo()
+        grid_module.match_flower_logs()

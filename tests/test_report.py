@@ -153,3 +153,23 @@ def test_renderers_escape_and_bold(tmp_path):
     markdown = render_markdown("t", sections, tmp_path)
     assert "| a\\|b | 1 |" in markdown and "| c | **2** |" in markdown
     assert "|---|---:|" in markdown
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_round_axes_show_whole_rounds_only(rounds, monkeypatch, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from flexmoe.reports import plots
+    from flexmoe.reports.inputs import RunData
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    records = [
+        {"round": r, "clients": {"0": {"routing_js": 0.01 * r}}} for r in range(1, 1 + rounds)
+    ]
+    plots.drift_over_rounds([RunData(1, tmp_path, {}, {"flex": records})], ["flex"], tmp_path)
+    (ax,) = figures[0].axes
+    FigureCanvasAgg(figures[0]).draw()
+    low, high = ax.get_xlim()
+    visible = [tick for tick in ax.get_xticks() if low <= tick <= high]
+    assert visible == list(range(1, 1 + rounds))

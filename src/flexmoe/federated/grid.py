@@ -17,6 +17,7 @@ grid and returns the server's and the nodes' contexts.
 
 from __future__ import annotations
 
+import os
 import random
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ from flwr.common.constant import (
     SUPERLINK_NODE_ID,
     ErrorCode,
 )
+from flwr.common.logger import update_console_handler
 from flwr.common.serde import context_from_proto, context_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import (
@@ -262,6 +264,7 @@ def run_embedded(
     The ServerApp object is called as Flower calls it (`server_app(grid, context)`: lifespan, then
     its `@app.main()` function) with a server Context holding `run_config`.
     """
+    match_flower_logs()
     grid = EmbeddedGrid(
         client_app, num_nodes, run_config=run_config, node_configs=node_configs, seed=seed
     )
@@ -278,6 +281,13 @@ def run_embedded(
         server_context=server_context,
         node_contexts={grid.partition_of[n]: ctx for n, ctx in grid.contexts.items()},
     )
+
+
+def match_flower_logs() -> None:
+    """Flower's log lines follow flexmoe's console: colour codes only on a terminal (not in
+    a piped log file), and `--quiet` hides its INFO lines as it hides ours."""
+    level = "WARNING" if console.quiet else os.environ.get("FLWR_LOG_LEVEL", "INFO").upper()
+    update_console_handler(level=level, colored=console.is_terminal)
 
 
 @contextmanager

@@ -68,7 +68,7 @@ def training_loss(
         if position + columns >= len(logged):  # no panel below: label this one's x axis
             ax.set_xlabel("round")
             ax.tick_params(labelbottom=True)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
     fig.suptitle(f"Training loss per client and round ({_runs_text(runs)})")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(
@@ -105,7 +105,7 @@ def drift_over_rounds(runs: list[RunData], methods: list[str], path: Path) -> Pa
     ax.set_ylim(bottom=0)
     ax.set_xlabel("round")
     ax.set_ylabel("JS divergence from the base model's routing (bits)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
     ax.set_title(f"Routing drift over rounds (mean over clients; {_runs_text(runs)})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", title="method")
@@ -185,7 +185,7 @@ def cumulative_bytes(run: RunData, methods: list[str], path: Path) -> Path | Non
     if last <= 25:  # name the two rounds that are not training rounds
         ax.set_xticks(range(last + 1), ["init", *map(str, range(1, last)), "eval"])
     else:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
     ax.set_title(f"Cumulative communication per method (seed {run.seed})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
