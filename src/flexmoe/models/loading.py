@@ -7,15 +7,22 @@ or dense model is refused before any weights are read or downloaded.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from flexmoe.moe.adapter import UnsupportedModelError, find_moe_layers
+from flexmoe.runtime import console
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_PROBE_SECONDS = 3.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 class ModelLoadError(ValueError):
@@ -58,13 +65,34 @@ def load_config(source: str):
             f"{source!r} is not a model directory (no config.json there): pass a directory written by "
             "save_pretrained / `flexmoe pretrain`, or a hub id such as Qwen/Qwen1.5-MoE-A2.7B"
         )
+    if not looks_local:
+        use_cache_only_if_hub_unreachable()
     try:
         return AutoConfig.from_pretrained(str(path) if looks_local else source)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"cannot load the config of {source!r}: {err}\n"
-            "If this machine is offline, pass a local model directory instead of a hub id."
+            "If this machine is offline, pass a local model directory instead of a hub id "
+            "(or download the model into the hub cache where it has a connection)."
         ) from None
+
+
+def use_cache_only_if_hub_unreachable() -> None:
+    """On a machine that cannot reach the hub, read hub ids from the local cache only.
+
+    Otherwise huggingface_hub retries every file request with backoff (~25 s each) before a cached
+    model loads or a mistyped id fails. A direct connection is probed once (skipped when offline
+    mode is already on, or a proxy is configured, which the probe would bypass)."""
+    if hub_constants.is_offline_mode() or any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return
+    endpoint = urlparse(hub_constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        hub_constants.HF_HUB_OFFLINE = True  # what HF_HUB_OFFLINE=1 sets; read on every request
+        console.log(f"{host} is unreachable: hub models are read from the local cache only")
 
 
 def check_supported(config) -> int:
