@@ -49,6 +49,7 @@ def test_data_command_shows_the_dolly_breakdown():
         (["run", "--set", "eval.drift_samples=-1", "--out", "unused"], "drift_samples must be"),
         (["run", "--set", "nonsense=1", "--out", "unused"], "unknown option"),
         (["run", "--clients", "0", "--out", "unused"], "0 is not in the range x>=1"),
+        (["run", "--jobs", "2", "--out", "unused"], "use it with --seeds"),
         (["run", "--set", "data.partition=domain", "--clients", "3"], "one client per domain"),
         (
             ["run", "--clients", "3", "--set", "data.categories=[closed_qa,summarization]"],

@@ -1,10 +1,11 @@
 """Summaries over seeds: mean ± std per metric, FLEx vs baselines on (seed, client) pairs, and
-`run_seeds` running one directory per seed."""
+`run_seeds` running one directory per seed, one after another or as parallel processes."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
 from federated_support import tiny_config, write_small_dolly
 
 from flexmoe.evaluation.seeds import (
@@ -15,6 +16,7 @@ from flexmoe.evaluation.seeds import (
     run_seeds,
 )
 from flexmoe.evaluation.stats import paired_comparison
+from flexmoe.federated.parallel import ParallelRunError, logged_rounds, run_in_processes
 
 CLIENTS = {"0": "closed_qa", "1": "summarization"}
 # ROUGE-L per seed -> method -> client
@@ -182,3 +184,53 @@ def test_run_seeds_runs_one_directory_per_seed(tiny_lm_dir, tmp_path):
         run_seeds(changed, [1], out)
     with pytest.raises(SeedsError, match="distinct seeds"):
         run_seeds(cfg, [1, 1], out)
+
+
+def test_parallel_seeds_compute_what_sequential_seeds_compute(tiny_lm_dir, tmp_path, monkeypatch):
+    data = write_small_dolly(tmp_path / "dolly.jsonl")
+    cfg = tiny_config(
+        tiny_lm_dir, data, ("flex", "fedavg"), train={"rounds": 1}, eval={"metrics": ["ppl"]}
+    )
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two jobs of one thread each
+    parallel = run_seeds(cfg, [1, 2], tmp_path / "parallel", jobs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each parallel job used
+    try:
+        sequential = run_seeds(cfg, [1, 2], tmp_path / "sequential")
+    finally:
+        torch.set_num_threads(threads)
+
+    def outcome(run_dir):
+        results = json.loads((run_dir / "results.json").read_text())
+        kept = ("clients", "average", "retention")  # ROUGE, and `eval.metrics`' perplexity
+        methods = {m: {k: e[k] for k in kept} for m, e in results["methods"].items()}
+        bytes_moved = {m: e["comm"]["total_bytes"] for m, e in results["methods"].items()}
+        shared = {m: dict(np.load(run_dir / m / "final_shared.npz")) for m in methods}
+        return methods, bytes_moved, shared
+
+    for seed in (1, 2):
+        run_dir = tmp_path / "parallel" / f"seed-{seed}"
+        assert logged_rounds(run_dir) == 2 * 1  # methods x rounds: what the progress bar counts
+        assert "flex" in (run_dir / "run.log").read_text()
+        methods, bytes_moved, shared = outcome(run_dir)
+        expected_methods, expected_bytes, expected_shared = outcome(
+            tmp_path / "sequential" / f"seed-{seed}"
+        )
+        assert "perplexity" in methods["flex"]["retention"]
+        assert methods == expected_methods and bytes_moved == expected_bytes
+        for method, arrays in shared.items():
+            assert arrays.keys() == expected_shared[method].keys()
+            for name, array in arrays.items():
+                np.testing.assert_array_equal(array, expected_shared[method][name])
+    for summary in (parallel, sequential):
+        for metrics in summary["metrics"].values():
+            del metrics["train_seconds"]  # wall time
+    assert parallel["metrics"] == sequential["metrics"]
+
+
+def test_a_failed_parallel_run_is_reported_with_its_log(tmp_path):
+    not_a_run = tmp_path / "seed-1"
+    not_a_run.mkdir()
+    with pytest.raises(ParallelRunError, match="seed-1 failed") as err:
+        run_in_processes([not_a_run], jobs=2, threads=1, rounds_per_run=1)
+    assert "config.resolved.json" in str(err.value)  # the run's own error, from its log

@@ -228,6 +228,14 @@ def run(
             "same --out to continue."
         ),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With --seeds: run this many seeds at once as separate processes sharing "
+            "--threads (on a CPU, 1-thread runs side by side finish more work per hour).",
+        ),
+    ] = 1,
     preset: Annotated[
         str | None, typer.Option(help="tiny (default for the built-in model) or paper.")
     ] = None,
@@ -271,8 +279,10 @@ def run(
             cfg = resolve_run_config(config, flags, set_, preset)
             check_clients_flag(cfg, clients)
             cfg = check_run_inputs(cfg)
-            run_several_seeds(parse_seeds(seeds), cfg, out)
+            run_several_seeds(parse_seeds(seeds), cfg, out, jobs)
             return
+        if jobs > 1:
+            raise fail("--jobs runs several seeds at once: use it with --seeds")
         if resume is not None:
             run_dir = resume
             cfg = prepare_run_dir(run_dir, None, resume=True)
@@ -284,11 +294,9 @@ def run(
             prepare_run_dir(run_dir, check_run_inputs(cfg), resume=False)
         console.log(f"run directory: {run_dir}")
         results = run_methods(cfg, run_dir)
-        extra = [m for m in cfg.eval.metrics if m != "rouge"]
-        if extra:
-            from flexmoe.evaluation.run_eval import evaluate_run
+        from flexmoe.evaluation.run_eval import evaluate_configured
 
-            evaluate_run(run_dir, extra)
+        evaluate_configured(cfg, run_dir)
     except KeyboardInterrupt:
         hint = f"; continue with: flexmoe run --resume {run_dir}" if run_dir else ""
         raise fail(f"interrupted{hint}") from None
@@ -333,17 +341,20 @@ def check_run_inputs(cfg):
     return cfg
 
 
-def run_several_seeds(seeds: list[int], cfg, out: Path | None) -> None:
+def run_several_seeds(seeds: list[int], cfg, out: Path | None, jobs: int) -> None:
     """`flexmoe run --seeds`: one run per seed under OUT, then the summary over seeds."""
     from flexmoe.evaluation.seeds import run_seeds
+    from flexmoe.federated.parallel import ParallelRunError
     from flexmoe.reports.tables import table1
     from flexmoe.reports.terminal import rich_table
 
     out = out or Path("runs") / time.strftime("seeds-%Y%m%d-%H%M%S")
     console.log(f"runs of seeds {', '.join(map(str, seeds))} under {out}")
     try:
-        summary = run_seeds(cfg, seeds, out)
-    except (config_io.ConfigError, ValueError) as err:
+        summary = run_seeds(cfg, seeds, out, jobs=jobs)
+    except KeyboardInterrupt:
+        raise fail(f"interrupted; continue with the same command and --out {out}") from None
+    except (config_io.ConfigError, ValueError, ParallelRunError) as err:
         raise fail(str(err)) from None
     output.print(rich_table(table1(summary), title=f"ROUGE-L per task over seeds {seeds}"))
     output.print(f"summary: {out / 'summary.json'}; next: flexmoe evaluate {out}")

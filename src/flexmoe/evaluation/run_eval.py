@@ -43,6 +43,7 @@ from flexmoe.evaluation.routing import (
 )
 from flexmoe.federated import task
 from flexmoe.federated.artifacts import RunArtifacts
+from flexmoe.federated.config import RunConfig
 from flexmoe.federated.methods import METHODS
 from flexmoe.models.loading import LoadedModel, load_model
 from flexmoe.runtime import console
@@ -147,6 +148,13 @@ def evaluate_run(
     record["seconds"] = time.perf_counter() - started
     _save_results(run_dir, results)
     return results
+
+
+def evaluate_configured(cfg: RunConfig, run_dir: str | Path) -> None:
+    """After a run: the metrics beyond ROUGE that its configuration asks for (`eval.metrics`)."""
+    extra = [metric for metric in cfg.eval.metrics if metric != "rouge"]
+    if extra:
+        evaluate_run(run_dir, extra)
 
 
 class _Evaluator:

@@ -19,8 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from flexmoe.evaluation.run_eval import evaluate_configured
 from flexmoe.evaluation.stats import mean_std, paired_comparison
 from flexmoe.federated.config import RunConfig
+from flexmoe.federated.methods import resolve_methods
+from flexmoe.federated.parallel import run_in_processes
 from flexmoe.federated.run import prepare_run_dir, run_methods
 from flexmoe.runtime import console
 
@@ -85,36 +90,52 @@ def seed_run_dir(out: Path, seed: int) -> Path:
     return Path(out) / f"seed-{seed}"
 
 
-def run_seeds(cfg: RunConfig, seeds: Sequence[int], out: str | Path) -> dict:
+def run_seeds(cfg: RunConfig, seeds: Sequence[int], out: str | Path, jobs: int = 1) -> dict:
     """Run `cfg` once per seed (OUT/seed-<s>, resumed if already started), then summarise.
 
-    A seed directory that already holds a run of another configuration is an error, not
-    silently reused. Returns the summary, also written to OUT/summary.json.
+    `jobs` > 1 runs that many seeds at once, as separate processes sharing this process's torch
+    threads (see `flexmoe.federated.parallel`). A seed directory that already holds a run of
+    another configuration is an error, not silently reused. Returns the summary, also written
+    to OUT/summary.json.
     """
     out = Path(out)
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise SeedsError(f"give distinct seeds, e.g. --seeds 1,2,3 (got {seeds})")
-    run_dirs = []
-    for seed in seeds:
-        run_dir = seed_run_dir(out, seed)
-        seeded = dataclasses.replace(cfg, seed=seed)
-        if (run_dir / CONFIG_FILE).is_file():
-            existing = prepare_run_dir(run_dir, None, resume=True)
-            if existing.hash() != seeded.hash():
-                raise SeedsError(
-                    f"{run_dir} holds a run of another configuration (hash {existing.hash()}, "
-                    f"this one {seeded.hash()}): choose another --out"
-                )
-            console.log(f"seed {seed}: continuing {run_dir}")
-        else:
-            prepare_run_dir(run_dir, seeded, resume=False)
-        console.rule(f"seed {seed}")
-        run_methods(seeded, run_dir)
-        run_dirs.append(run_dir)
+    seeded = [dataclasses.replace(cfg, seed=seed) for seed in seeds]
+    run_dirs = [_prepare_seed_dir(seed_cfg, out) for seed_cfg in seeded]
+    jobs = min(jobs, len(seeds))
+    if jobs > 1:
+        run_in_processes(
+            run_dirs,
+            jobs=jobs,
+            threads=max(1, torch.get_num_threads() // jobs),
+            rounds_per_run=len(resolve_methods(cfg.methods)) * cfg.train.rounds,
+        )
+    else:
+        for seed_cfg, run_dir in zip(seeded, run_dirs, strict=True):
+            console.rule(f"seed {seed_cfg.seed}")
+            run_methods(seed_cfg, run_dir)
+            evaluate_configured(seed_cfg, run_dir)
     summary = aggregate_runs(run_dirs)
     write_summary(out, summary)
     return summary
+
+
+def _prepare_seed_dir(cfg: RunConfig, out: Path) -> Path:
+    """OUT/seed-<s> holding `cfg`: created, or checked to hold this very configuration."""
+    run_dir = seed_run_dir(out, cfg.seed)
+    if not (run_dir / CONFIG_FILE).is_file():
+        prepare_run_dir(run_dir, cfg, resume=False)
+        return run_dir
+    existing = prepare_run_dir(run_dir, None, resume=True)
+    if existing.hash() != cfg.hash():
+        raise SeedsError(
+            f"{run_dir} holds a run of another configuration (hash {existing.hash()}, "
+            f"this one {cfg.hash()}): choose another --out"
+        )
+    console.log(f"seed {cfg.seed}: continuing {run_dir}")
+    return run_dir
 
 
 def find_run_dirs(path: str | Path) -> list[Path]:

@@ -241,15 +241,16 @@ _encoded: dict[tuple, list[EncodedExample]] = {}
 
 
 def encoded_train(mm: MethodModel, data: ClientData, max_length: int) -> list[EncodedExample]:
-    """The client's tokenized training examples, encoded once per process."""
+    """The client's tokenized training examples, encoded once per process.
+
+    Keyed by the records themselves: another seed gives a client of the same name and size
+    other records (e.g. `flexmoe run --seeds` running seeds one after another in a process)."""
     tokenizer = mm.loaded.tokenizer
     key = (
         tokenizer.name_or_path,
         len(tokenizer),
-        data.client_id,
-        data.name,
-        len(data.train),
         max_length,
+        tuple(data.train),
     )
     if key not in _encoded:
         _encoded[key] = encode_dataset(data.train, mm.loaded.tokenizer, max_length)
