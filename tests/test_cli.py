@@ -50,6 +50,10 @@ def test_data_command_shows_the_dolly_breakdown():
         (["run", "--set", "nonsense=1", "--out", "unused"], "unknown option"),
         (["run", "--clients", "0", "--out", "unused"], "0 is not in the range x>=1"),
         (["run", "--jobs", "2", "--out", "unused"], "use it with --seeds"),
+        (
+            ["run", "--set", "eval.metrics=rouge,mmul", "--out", "unused"],
+            "unknown eval.metrics mmul",
+        ),
         (["run", "--set", "data.partition=domain", "--clients", "3"], "one client per domain"),
         (
             ["run", "--clients", "3", "--set", "data.categories=[closed_qa,summarization]"],
@@ -100,6 +104,9 @@ def test_set_values_parse_as_numbers_booleans_and_lists():
     assert parse_value("1e-3") == 0.001  # YAML 1.1 alone would keep the string
     assert parse_value("4") == 4 and parse_value("true") is True
     assert parse_value("[a, b]") == ["a", "b"] and parse_value("flex") == "flex"
+    # where a list is expected, a string is a comma-separated list (and names are checked)
+    cfg = resolve_run_config(None, {}, ["eval.metrics=rouge, ppl", "methods=flex"], None)
+    assert cfg.eval.metrics == ("rouge", "ppl") and cfg.methods == ("flex",)
 
 
 def _results(n_clients: int) -> dict:

@@ -107,7 +107,8 @@ def build(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """`value` checked against a field's type hint (ints are floats too; a string is a 1-tuple)."""
+    """`value` checked against a field's type hint (ints are floats too; a string is a
+    comma-separated list where a list is expected, as in `--set eval.metrics=rouge,ppl`)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         for option in args:
@@ -121,7 +122,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return None
         raise ConfigError(f"{where} must be empty, got {value!r}")
     if origin is tuple:
-        items = [value] if isinstance(value, str) else value
+        items = (
+            [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        )
         if not isinstance(items, list | tuple):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         item_type = args[0] if args else Any

@@ -43,12 +43,11 @@ from flexmoe.evaluation.routing import (
 )
 from flexmoe.federated import task
 from flexmoe.federated.artifacts import RunArtifacts
-from flexmoe.federated.config import RunConfig
+from flexmoe.federated.config import EVAL_METRICS, RunConfig
 from flexmoe.federated.methods import METHODS
 from flexmoe.models.loading import LoadedModel, load_model
 from flexmoe.runtime import console
 
-ALL_METRICS = ("rouge", "mmlu", "ppl", "routing", "cost")
 RESULTS_FILE = "results.json"
 DRIFT_NOTE = (
     "`flexmoe evaluate` measures the routing drift of the final models (JS divergence of each "
@@ -103,7 +102,7 @@ class EvalSettings:
 
 def evaluate_run(
     run_dir: str | Path,
-    metrics: Sequence[str] = ALL_METRICS,
+    metrics: Sequence[str] = EVAL_METRICS,
     settings: EvalSettings | None = None,
     *,
     methods: Sequence[str] | None = None,
@@ -379,13 +378,13 @@ def _routing_block(per_client: dict[int, dict]) -> dict:
 def _checked_metrics(metrics: Sequence[str]) -> list[str]:
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
-    unknown = [m for m in metrics if m not in ALL_METRICS]
+    unknown = [m for m in metrics if m not in EVAL_METRICS]
     if unknown or not metrics:
         raise EvaluationError(
             f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from "
-            f"{', '.join(ALL_METRICS)}"
+            f"{', '.join(EVAL_METRICS)}"
         )
-    return [m for m in ALL_METRICS if m in metrics]
+    return [m for m in EVAL_METRICS if m in metrics]
 
 
 def _read_results(run_dir: Path) -> dict:

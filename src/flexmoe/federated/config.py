@@ -68,6 +68,10 @@ class ServerConfig:
     scaffold_server_lr: float = 1.0
 
 
+EVAL_METRICS = ("rouge", "mmlu", "ppl", "routing", "cost")
+"""What `flexmoe evaluate` measures (ROUGE is also measured by every run)."""
+
+
 @dataclass
 class EvalConfig:
     samples: int = 100
@@ -75,6 +79,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     batch_size: int = 8
     metrics: tuple[str, ...] = ("rouge",)
+    """Evaluated at the end of the run: any of EVAL_METRICS."""
     drift_samples: int = 8
     """Test prompts (the first ones of its split) on which every client measures, after each
     round's training, how far its routing has drifted from the base model's; 0: not measured."""
@@ -110,6 +115,11 @@ class RunConfig:
         resolve_methods(self.methods)
         if self.train.min_successful_clients < 1:
             raise ConfigError("train.min_successful_clients must be >= 1")
+        unknown = [m for m in self.eval.metrics if m not in EVAL_METRICS]
+        if unknown:
+            raise ConfigError(
+                f"unknown eval.metrics {', '.join(unknown)}: choose from {', '.join(EVAL_METRICS)}"
+            )
         if self.eval.drift_samples < 0:
             raise ConfigError("eval.drift_samples must be >= 0 (0: routing drift not measured)")
         if self.prompt_length < MIN_PROMPT_LENGTH:
