@@ -62,6 +62,9 @@ def test_unspaced_scripts_score_per_character_and_other_scripts_per_word():
     assert rouge_f1(["Кошка сидит"], ["кошка спит"])["rouge1"] == pytest.approx(50.0)
     assert AnyScriptTokenizer().tokenize("नमस्ते दुनिया!") == ["नमस्ते", "दुनिया"]
     assert rouge_f1(["नमस्ते दुनिया"], ["नमस्ते"])["rouge1"] == pytest.approx(100 * 2 / 3)
+    # Composed and decomposed accents, full-width letters and ligatures compare equal.
+    assert AnyScriptTokenizer().tokenize("École ＡＢＣ ﬁne") == ["école", "abc", "fine"]
+    assert AnyScriptTokenizer().tokenize("E\u0301cole") == ["école"]
     # Mixed text: Japanese characters one by one, the English word stemmed as rouge-score does.
     assert AnyScriptTokenizer().tokenize("running東京タワー") == [
         "run",

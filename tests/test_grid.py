@@ -261,7 +261,7 @@ def test_node_ids_are_seeded_and_distinct():
     assert len(set(ids)) == 5 and 1 not in ids  # 1 is the SuperLink's own node id
 
 
-def test_flower_logs_have_no_colour_codes_off_a_terminal_and_follow_quiet(monkeypatch):
+def test_flower_logs_are_coloured_only_on_a_terminal_and_follow_quiet(monkeypatch):
     import io
     import logging
 
@@ -272,14 +272,21 @@ def test_flower_logs_have_no_colour_codes_off_a_terminal_and_follow_quiet(monkey
     (handler,) = [h for h in logging.getLogger("flwr").handlers if isinstance(h, ConsoleHandler)]
     captured = io.StringIO()
     previous = handler.setStream(captured)
-    try:
-        run_embedded(make_server_app(CommLedger()), make_client_app(), 2, {"rounds": 1})
-        logged = captured.getvalue()
-        assert "INFO" in logged and "\x1b[" not in logged  # pytest's stderr is not a terminal
+
+    def logged_by_a_run() -> str:
+        captured.seek(0)
         captured.truncate(0)
-        monkeypatch.setattr(console, "quiet", True)
         run_embedded(make_server_app(CommLedger()), make_client_app(), 2, {"rounds": 1})
-        assert "INFO" not in captured.getvalue()
+        return captured.getvalue()
+
+    try:
+        monkeypatch.setattr(console, "_force_terminal", False)
+        logged = logged_by_a_run()
+        assert "INFO" in logged and "\x1b[" not in logged
+        monkeypatch.setattr(console, "_force_terminal", True)
+        assert "\x1b[" in logged_by_a_run()
+        monkeypatch.setattr(console, "quiet", True)
+        assert "INFO" not in logged_by_a_run()
     finally:
         handler.setStream(previous)
         monkeypatch.undo()

@@ -7,6 +7,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from tiny_models import DENSE, FAMILIES, UNSUPPORTED, build_tiny, save_tiny
 
+from flexmoe.models import loading
 from flexmoe.models.loading import (
     PROXY_VARIABLES,
     ModelLoadError,
@@ -61,6 +62,7 @@ def test_bfloat16_option(tmp_path):
 def online_hub_at(monkeypatch):
     """Point the hub endpoint at 127.0.0.1:port with offline mode off and no proxy."""
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "_hub_probed", None)
     for variable in PROXY_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     return lambda port: monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")

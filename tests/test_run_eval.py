@@ -142,3 +142,25 @@ def test_clear_errors(run_dir, tmp_path):
     (tmp_path / "config.resolved.json").write_text((run_dir / "config.resolved.json").read_text())
     with pytest.raises(EvaluationError, match=r"has no results.json.*--resume"):
         evaluate_run(tmp_path, ["ppl"])
+
+
+def test_continuing_a_finished_evaluated_run_keeps_and_does_not_redo_its_evaluation(
+    run_dir, tmp_path, monkeypatch
+):
+    import dataclasses
+    import shutil
+
+    from flexmoe.evaluation import run_eval
+    from flexmoe.federated.run import prepare_run_dir, run_methods
+
+    copy = tmp_path / run_dir.name  # the same name: client state is filed under it
+    shutil.copytree(run_dir, copy)
+    before = (copy / "results.json").read_text()
+    cfg = prepare_run_dir(copy, None, resume=True)
+    assert run_methods(cfg, copy) == json.loads(before)
+    assert (copy / "results.json").read_text() == before
+    calls = []
+    monkeypatch.setattr(run_eval, "evaluate_run", lambda *args, **kwargs: calls.append(args))
+    asked = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, metrics=("rouge", "ppl")))
+    run_eval.evaluate_configured(asked, copy)
+    assert calls == []  # perplexity is in the results already

@@ -191,9 +191,10 @@ def test_parallel_seeds_compute_what_sequential_seeds_compute(tiny_lm_dir, tmp_p
     cfg = tiny_config(
         tiny_lm_dir, data, ("flex", "fedavg"), train={"rounds": 1}, eval={"metrics": ["ppl"]}
     )
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two jobs of one thread each
-    parallel = run_seeds(cfg, [1, 2], tmp_path / "parallel", jobs=2)
     threads = torch.get_num_threads()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: 2)  # two jobs of one thread each
+        parallel = run_seeds(cfg, [1, 2], tmp_path / "parallel", jobs=2)
     torch.set_num_threads(1)  # what each parallel job used
     try:
         sequential = run_seeds(cfg, [1, 2], tmp_path / "sequential")
@@ -234,3 +235,24 @@ def test_a_failed_parallel_run_is_reported_with_its_log(tmp_path):
     with pytest.raises(ParallelRunError, match="seed-1 failed") as err:
         run_in_processes([not_a_run], jobs=2, threads=1, rounds_per_run=1)
     assert "config.resolved.json" in str(err.value)  # the run's own error, from its log
+
+
+def test_stopping_interrupts_live_runs_and_kills_one_that_hangs(monkeypatch):
+    import subprocess
+    import sys
+
+    from flexmoe.federated import parallel
+
+    monkeypatch.setattr(parallel, "STOP_SECONDS", 1.0)
+    code = "import signal, sys, time; {}; print('ready', flush=True); time.sleep(60)"
+    ignores = "signal.signal(signal.SIGINT, signal.SIG_IGN)"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code.format(setup)], stdout=subprocess.PIPE)
+        for setup in ("pass", ignores)
+    ]
+    for process in processes:
+        assert process.stdout.readline() == b"ready\n"
+    parallel._stop(processes)
+    polite, hung = processes
+    assert polite.returncode == -2  # exited on the interrupt (uncaught KeyboardInterrupt)
+    assert hung.returncode == -9  # ignored the interrupt: killed

@@ -233,7 +233,8 @@ def run(
         typer.Option(
             min=1,
             help="With --seeds: run this many seeds at once as separate processes sharing "
-            "--threads (on a CPU, 1-thread runs side by side finish more work per hour).",
+            "--threads (on a CPU, 1-thread runs side by side finish more work per hour); each "
+            "process loads its own model, so memory grows N-fold.",
         ),
     ] = 1,
     preset: Annotated[

@@ -2,14 +2,17 @@
 
 rouge-score's tokenizer keeps only [a-z0-9], so Chinese, Japanese, Arabic, Cyrillic, ... text
 scores 0 whatever the model says. `AnyScriptTokenizer` is that tokenizer with Unicode letters
-kept: on ASCII text it yields exactly rouge-score's tokens (so English scores are rouge-score's),
-words of other scripts stay whole (only ASCII words are stemmed), and each character of a script
-written without spaces between words (Chinese, Japanese, Thai, ...) is a token of its own, the
-usual character-level ROUGE for those languages.
+kept: on ASCII text it yields exactly rouge-score's tokens, words of other scripts stay whole
+(only ASCII words are stemmed; rouge-score splits "Zürich" into "z", "rich", this keeps
+"zürich"), and each character of a script written without spaces between words (Chinese,
+Japanese, Thai, ...) is a token of its own, the usual character-level ROUGE for those languages.
+Text is NFKC-normalised first, so composed and decomposed accents, full-width letters and
+ligatures compare equal.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 import regex
@@ -36,7 +39,7 @@ class AnyScriptTokenizer(tokenizers.Tokenizer):
     def tokenize(self, text: str) -> list[str]:
         return [
             self.stemmer.stem(token) if len(token) > 3 and ASCII_WORD_RE.fullmatch(token) else token
-            for token in TOKEN_RE.findall(text.lower())
+            for token in TOKEN_RE.findall(unicodedata.normalize("NFKC", text).lower())
         ]
 
 

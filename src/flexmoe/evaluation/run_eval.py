@@ -150,8 +150,10 @@ def evaluate_run(
 
 
 def evaluate_configured(cfg: RunConfig, run_dir: str | Path) -> None:
-    """After a run: the metrics beyond ROUGE that its configuration asks for (`eval.metrics`)."""
-    extra = [metric for metric in cfg.eval.metrics if metric != "rouge"]
+    """After a run: the metrics beyond ROUGE that its configuration asks for (`eval.metrics`),
+    unless an earlier evaluation of the run measured them already."""
+    done = _read_results(Path(run_dir)).get("evaluation", {}).get("settings", {})
+    extra = [metric for metric in cfg.eval.metrics if metric != "rouge" and metric not in done]
     if extra:
         evaluate_run(run_dir, extra)
 

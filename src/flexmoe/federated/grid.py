@@ -17,6 +17,7 @@ grid and returns the server's and the nodes' contexts.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import traceback
@@ -287,6 +288,8 @@ def match_flower_logs() -> None:
     """Flower's log lines follow flexmoe's console: colour codes only on a terminal (not in
     a piped log file), and `--quiet` hides its INFO lines as it hides ours."""
     level = "WARNING" if console.quiet else os.environ.get("FLWR_LOG_LEVEL", "INFO").upper()
+    if level not in logging.getLevelNamesMapping():  # Flower ignores a mistyped level too
+        level = "INFO"
     update_console_handler(level=level, colored=console.is_terminal)
 
 

@@ -86,9 +86,11 @@ def run_methods(
     console.print(partition.summary_table())
     num_clients = len(partition.clients)
     results = {}
+    ran = False
     for method in methods:
         method_dir = out / method.name
         if not (method_dir / "result.json").is_file():
+            ran = True
             console.rule(f"{method.name}: {method.description}")
             run_embedded(
                 server_app,
@@ -107,6 +109,8 @@ def run_methods(
             results[method.name] = json.loads((method_dir / "result.json").read_text())
     if len(results) < len(methods):  # stopped early by `stop_after`
         return {}
+    if not ran and (out / "results.json").is_file():  # finished before: keep its evaluations
+        return json.loads((out / "results.json").read_text())
     summary = build_results(cfg, partition, results)
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary

@@ -19,7 +19,12 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 
-from flexmoe.data import BUNDLED_INSTRUCTION_SETS, encode_dataset, load_instructions
+from flexmoe.data import (
+    BUNDLED_INSTRUCTION_SETS,
+    InstructionRecord,
+    encode_dataset,
+    load_instructions,
+)
 from flexmoe.data.prompting import EncodedExample
 from flexmoe.evaluation.generation import generate_responses
 from flexmoe.evaluation.rouge import rouge_f1
@@ -237,24 +242,20 @@ def client_data(cfg: RunConfig, partition_id: int, data_dir: str | None) -> Clie
     return partition_for(cfg).clients[partition_id]
 
 
-_encoded: dict[tuple, list[EncodedExample]] = {}
+_encoded: dict[tuple, tuple[tuple[InstructionRecord, ...], list[EncodedExample]]] = {}
 
 
 def encoded_train(mm: MethodModel, data: ClientData, max_length: int) -> list[EncodedExample]:
     """The client's tokenized training examples, encoded once per process.
 
-    Keyed by the records themselves: another seed gives a client of the same name and size
-    other records (e.g. `flexmoe run --seeds` running seeds one after another in a process)."""
+    Checked against the records themselves: another seed gives a client of the same id other
+    records (e.g. `flexmoe run --seeds` running seeds one after another in a process)."""
     tokenizer = mm.loaded.tokenizer
-    key = (
-        tokenizer.name_or_path,
-        len(tokenizer),
-        max_length,
-        tuple(data.train),
-    )
-    if key not in _encoded:
-        _encoded[key] = encode_dataset(data.train, mm.loaded.tokenizer, max_length)
-    return _encoded[key]
+    key = (tokenizer.name_or_path, len(tokenizer), max_length, data.client_id)
+    records = tuple(data.train)
+    if key not in _encoded or _encoded[key][0] != records:
+        _encoded[key] = (records, encode_dataset(data.train, tokenizer, max_length))
+    return _encoded[key][1]
 
 
 # ---------------------------------------------------------------- train / evaluate one client

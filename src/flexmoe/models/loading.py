@@ -22,7 +22,14 @@ from flexmoe.runtime import console
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_PROBE_SECONDS = 3.0
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+PROXY_VARIABLES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 
 
 class ModelLoadError(ValueError):
@@ -77,14 +84,22 @@ def load_config(source: str):
         ) from None
 
 
+_hub_probed: str | None = None
+"""The hub endpoint already probed by this process."""
+
+
 def use_cache_only_if_hub_unreachable() -> None:
     """On a machine that cannot reach the hub, read hub ids from the local cache only.
 
     Otherwise huggingface_hub retries every file request with backoff (~25 s each) before a cached
     model loads or a mistyped id fails. A direct connection is probed once (skipped when offline
     mode is already on, or a proxy is configured, which the probe would bypass)."""
+    global _hub_probed
+    if _hub_probed == hub_constants.ENDPOINT:
+        return
     if hub_constants.is_offline_mode() or any(os.environ.get(v) for v in PROXY_VARIABLES):
         return
+    _hub_probed = hub_constants.ENDPOINT
     endpoint = urlparse(hub_constants.ENDPOINT)
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
