@@ -173,3 +173,11 @@ def test_round_axes_show_whole_rounds_only(rounds, monkeypatch, tmp_path):
     low, high = ax.get_xlim()
     visible = [tick for tick in ax.get_xticks() if low <= tick <= high]
     assert visible == list(range(1, 1 + rounds))
+
+
+def test_table1_caption_names_what_was_evaluated_and_what_was_not():
+    from flexmoe.reports.tables import _table1_caption
+
+    caption = _table1_caption({"seeds": [1, 2], "evaluation": {"ppl": {"ppl_max_tokens": 512}}})
+    assert "Held-out perplexity (WikiText-2 test, 512 tokens) of the clients' models" in caption
+    assert "MMLU: not evaluated yet" in caption and "MMLU accuracy" not in caption

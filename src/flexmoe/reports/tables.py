@@ -207,15 +207,20 @@ def _table1_caption(summary: dict) -> str:
     settings = summary.get("evaluation", {})
     mmlu = settings.get("mmlu")
     ppl = settings.get("ppl")
-    parts = [
-        "ROUGE-L F1 (%) of each client's model on its own task's test items and their average",
-        (
+    retention = []
+    if mmlu:
+        retention.append(
             f"MMLU accuracy (%) on a subject-balanced subset ({mmlu['mmlu_per_subject']} per "
-            f"subject, {mmlu['mmlu_k_shot']}-shot) and held-out perplexity (WikiText-2 test, "
-            f"{ppl['ppl_max_tokens']:,} tokens) of the clients' models, averaged over clients"
-            if mmlu and ppl
-            else "MMLU and perplexity: not evaluated yet (`flexmoe evaluate RUN_DIR`)"
-        ),
-        f"{spread}; best per column in bold (perplexity: lowest)",
-    ]
+            f"subject, {mmlu['mmlu_k_shot']}-shot)"
+        )
+    if ppl:
+        retention.append(f"held-out perplexity (WikiText-2 test, {ppl['ppl_max_tokens']:,} tokens)")
+    missing = [name for name, done in (("MMLU", mmlu), ("perplexity", ppl)) if not done]
+    parts = ["ROUGE-L F1 (%) of each client's model on its own task's test items and their average"]
+    if retention:
+        text = " and ".join(retention) + " of the clients' models, averaged over clients"
+        parts.append(text[0].upper() + text[1:])
+    if missing:
+        parts.append(f"{' and '.join(missing)}: not evaluated yet (`flexmoe evaluate RUN_DIR`)")
+    parts.append(f"{spread}; best per column in bold (perplexity: lowest)")
     return ". ".join(parts) + "."
