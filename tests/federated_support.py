@@ -79,6 +79,17 @@ def tiny_config(model_dir: Path, data_file: Path, methods, **overrides) -> RunCo
     return config_io.build(RunConfig, values)
 
 
+def without_timings(value):
+    """`value` with every wall-clock entry (keys `seconds`, `train_seconds`) removed."""
+    if isinstance(value, dict):
+        return {
+            k: without_timings(v) for k, v in value.items() if k not in ("seconds", "train_seconds")
+        }
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
 def digest(array: np.ndarray) -> str:
     """A content hash of an array (dtype and shape included), for bitwise comparisons."""
     array = np.ascontiguousarray(array)

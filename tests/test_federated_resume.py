@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from federated_support import tiny_config, write_small_dolly
+from federated_support import tiny_config, without_timings, write_small_dolly
 from safetensors.numpy import load_file, save_file
 
 from flexmoe.federated.run import prepare_run_dir, run_methods
@@ -16,17 +16,6 @@ from flexmoe.federated.run import prepare_run_dir, run_methods
 RESUMED = ("flex", "scaffold", "fedadam", "local")
 ROUNDS = 3
 CLIENTS = 4
-
-
-def without_timings(value):
-    """`value` with every wall-clock entry (keys `seconds`, `train_seconds`) removed."""
-    if isinstance(value, dict):
-        return {
-            k: without_timings(v) for k, v in value.items() if k not in ("seconds", "train_seconds")
-        }
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
 
 
 def round_log(out, method):
